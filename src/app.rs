@@ -1,0 +1,148 @@
+//! Wires a [`Config`] into listeners and pair tasks, and owns the one shutdown path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{fmt_duration, Config};
+use crate::net::{listen, sockopt};
+use crate::pair::RouteState;
+
+/// After the grace period, pairs are told to close; this bounds how long that takes.
+const KILL_WAIT: Duration = Duration::from_secs(1);
+
+/// A route that is listening.
+#[derive(Debug, Clone)]
+pub struct BoundRoute {
+    /// Route name.
+    pub name: String,
+    /// The address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+}
+
+/// A route that could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("route \"{route}\": cannot listen on {addr}: {source}")]
+pub struct StartError {
+    /// Route name.
+    pub route: String,
+    /// Address asked for.
+    pub addr: SocketAddr,
+    /// The bind/listen error.
+    pub source: std::io::Error,
+}
+
+/// The running proxy.
+#[derive(Debug)]
+pub struct App {
+    bound: Vec<BoundRoute>,
+    shutdown_grace: Duration,
+    stop_accepting: CancellationToken,
+    kill_pairs: CancellationToken,
+    accept_loops: TaskTracker,
+    pairs: TaskTracker,
+}
+
+impl App {
+    /// Binds every route first (so a bad address fails the start, not half of it),
+    /// then starts accepting on all of them. Logs one "route listening" line per route.
+    pub async fn start(config: Config) -> Result<App, StartError> {
+        let mut listeners = Vec::with_capacity(config.routes.len());
+        for route in &config.routes {
+            let std_listener =
+                sockopt::bind_listener(route.listen).map_err(|source| StartError {
+                    route: route.name.clone(),
+                    addr: route.listen,
+                    source,
+                })?;
+            let listener = TcpListener::from_std(std_listener).map_err(|source| StartError {
+                route: route.name.clone(),
+                addr: route.listen,
+                source,
+            })?;
+            let addr = listener.local_addr().map_err(|source| StartError {
+                route: route.name.clone(),
+                addr: route.listen,
+                source,
+            })?;
+            listeners.push((listener, addr));
+        }
+
+        let app = App {
+            bound: Vec::new(),
+            shutdown_grace: config.shutdown_grace,
+            stop_accepting: CancellationToken::new(),
+            kill_pairs: CancellationToken::new(),
+            accept_loops: TaskTracker::new(),
+            pairs: TaskTracker::new(),
+        };
+        let ids = Arc::new(AtomicU64::new(1));
+        let mut bound = Vec::new();
+        for (route, (listener, addr)) in config.routes.into_iter().zip(listeners) {
+            let servers: Vec<String> = route
+                .upstream
+                .servers
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
+            bound.push(BoundRoute {
+                name: route.name.clone(),
+                addr,
+            });
+            let state = Arc::new(RouteState {
+                route,
+                next_server: AtomicUsize::new(0),
+                ids: ids.clone(),
+            });
+            app.accept_loops.spawn(listen::accept_loop(
+                listener,
+                state,
+                app.stop_accepting.clone(),
+                app.pairs.clone(),
+                app.kill_pairs.clone(),
+            ));
+        }
+        Ok(App { bound, ..app })
+    }
+
+    /// The routes and the addresses they bound.
+    pub fn bound(&self) -> &[BoundRoute] {
+        &self.bound
+    }
+
+    /// Stops accepting on every route at once, lets live pairs finish for the
+    /// grace period, then closes the rest with reason `shutdown`. Returns whether
+    /// every pair finished within the grace period.
+    pub async fn shutdown(&self) -> bool {
+        self.stop_accepting.cancel();
+        self.accept_loops.close();
+        self.accept_loops.wait().await;
+        self.pairs.close();
+        let live = self.pairs.len();
+        tracing::info!(live_pairs = live, grace = %fmt_duration(self.shutdown_grace), "draining");
+        let drained = tokio::time::timeout(self.shutdown_grace, self.pairs.wait())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("drain completed");
+        } else {
+            let left = self.pairs.len();
+            self.kill_pairs.cancel();
+            let closed = tokio::time::timeout(KILL_WAIT, self.pairs.wait())
+                .await
+                .is_ok();
+            tracing::warn!(
+                closed_pairs = left,
+                all_closed = closed,
+                "drain incomplete: grace period over, remaining pairs closed"
+            );
+        }
+        drained
+    }
+}

@@ -1,0 +1,191 @@
+//! Command line. No I/O here: arguments become config types.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{
+    self, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, UpstreamSpec,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+};
+use crate::telemetry::LogFormat;
+
+/// Where `run` and `check` look when neither -c nor KAPROXY_CONFIG is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/kaproxy/kaproxy.toml";
+
+/// kaproxy: TCP forwarding with per-side keepalive that closes half-dead connection pairs.
+#[derive(Debug, Parser)]
+#[command(name = "kaproxy", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log output format (the filter comes from KAPROXY_LOG, default "info").
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy on a configuration file, in the foreground, until SIGTERM or SIGINT.
+    Run {
+        /// Configuration file.
+        #[arg(short = 'c', long = "config", env = "KAPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file and print each route's effective settings.
+    Check {
+        /// Configuration file.
+        #[arg(short = 'c', long = "config", env = "KAPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Forward one listen address to one or more servers, without a file.
+    Forward(ForwardArgs),
+}
+
+/// `kaproxy forward` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ForwardArgs {
+    /// Address to listen on, IP:PORT (port 0 picks a free port).
+    #[arg(value_parser = parse_listen_arg)]
+    pub listen: std::net::SocketAddr,
+    /// Upstream servers, host:port, tried round-robin.
+    #[arg(required = true, value_parser = parse_server_arg)]
+    pub servers: Vec<config::ServerAddr>,
+    /// Client-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
+    #[arg(long, default_value = "60s/10s/3", value_parser = config::parse_keepalive_shorthand)]
+    pub client_keepalive: KeepaliveSpec,
+    /// Upstream-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
+    #[arg(long, default_value = "60s/10s/3", value_parser = config::parse_keepalive_shorthand)]
+    pub upstream_keepalive: KeepaliveSpec,
+    /// Bound on each upstream connect attempt.
+    #[arg(long, value_parser = parse_positive_duration, default_value = "3s")]
+    pub connect_timeout: Duration,
+    /// Close a pair after this long with no byte either way ("0s" = off).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    pub idle_timeout: Duration,
+    /// Close a pair after this long half-closed ("0s" = off).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    pub half_close_timeout: Duration,
+    /// How the survivor is told when the other side fails: reset or close.
+    #[arg(long, value_parser = parse_on_peer_failure, default_value = "reset")]
+    pub on_peer_failure: OnPeerFailure,
+    /// Time live pairs get to finish after SIGTERM/SIGINT.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+}
+
+impl ForwardArgs {
+    /// The single-route configuration these arguments describe.
+    pub fn into_config(self) -> Config {
+        let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+        Config {
+            source: "<command line>".to_string(),
+            shutdown_grace: self.shutdown_grace,
+            routes: vec![Route {
+                name: "forward".to_string(),
+                listen: self.listen,
+                client: ClientSpec {
+                    keepalive: self.client_keepalive,
+                },
+                upstream: UpstreamSpec {
+                    servers: self.servers,
+                    connect_timeout: self.connect_timeout,
+                    keepalive: self.upstream_keepalive,
+                },
+                idle_timeout: nonzero(self.idle_timeout),
+                half_close_timeout: nonzero(self.half_close_timeout),
+                on_peer_failure: self.on_peer_failure,
+            }],
+        }
+    }
+}
+
+// The clap defaults above spell out the built-in constants; keep them in step.
+const _: () = {
+    assert!(DEFAULT_CONNECT_TIMEOUT.as_secs() == 3);
+    assert!(DEFAULT_HALF_CLOSE_TIMEOUT.as_secs() == 60);
+    assert!(DEFAULT_SHUTDOWN_GRACE.as_secs() == 30);
+};
+
+fn parse_listen_arg(s: &str) -> Result<std::net::SocketAddr, String> {
+    config::parse_listen(s)
+        .map(Ok)
+        .unwrap_or_else(|e| Err(format!("{e}; use IP:PORT such as 0.0.0.0:8080")))
+}
+
+fn parse_server_arg(s: &str) -> Result<config::ServerAddr, String> {
+    config::parse_server(s)
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be greater than zero".to_string()),
+        Err(e) => Err(format!(
+            "{s:?} is not a duration ({e}); write e.g. \"3s\" or \"500ms\""
+        )),
+    }
+}
+
+fn parse_on_peer_failure(s: &str) -> Result<OnPeerFailure, String> {
+    match s {
+        "reset" => Ok(OnPeerFailure::Reset),
+        "close" => Ok(OnPeerFailure::Close),
+        _ => Err(format!("{s:?}: use \"reset\" or \"close\"")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_builds_one_route_with_shorthand_keepalive() {
+        let cli = Cli::try_parse_from([
+            "kaproxy",
+            "forward",
+            "127.0.0.1:0",
+            "a:1",
+            "[::1]:2",
+            "--client-keepalive",
+            "20s/5s/4",
+            "--upstream-keepalive",
+            "off",
+        ])
+        .unwrap();
+        let Command::Forward(args) = cli.command else {
+            panic!("not forward")
+        };
+        let cfg = args.into_config();
+        let r = &cfg.routes[0];
+        assert_eq!(r.client.keepalive.idle, Duration::from_secs(20));
+        assert_eq!(r.client.keepalive.probes, 4);
+        assert_eq!(
+            r.client.keepalive.effective_user_timeout(),
+            Some(Duration::from_secs(40))
+        );
+        assert!(!r.upstream.keepalive.enabled);
+        assert_eq!(r.upstream.servers.len(), 2);
+        assert_eq!(r.upstream.servers[1].to_string(), "[::1]:2");
+    }
+
+    #[test]
+    fn forward_rejects_subsecond_keepalive() {
+        let err = Cli::try_parse_from([
+            "kaproxy",
+            "forward",
+            "127.0.0.1:0",
+            "a:1",
+            "--client-keepalive",
+            "1500ms/1s/3",
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("not a whole number of seconds"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,294 @@
+//! Validated, typed configuration.
+//!
+//! Loading goes file → [`raw`] (serde mirror, spans) → [`resolve`] (inheritance,
+//! kernel range checks) → [`Config`]. Nothing past this module sees an `Option`
+//! for a value that is required, or a duration the kernel cannot take.
+
+mod error;
+mod raw;
+mod resolve;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use error::{ConfigError, Location};
+pub use resolve::{parse_keepalive_shorthand, parse_listen, parse_server};
+
+/// Built-in keepalive idle time for both sides.
+pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Built-in keepalive probe interval for both sides.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Built-in number of unanswered probes before a side is dead.
+pub const DEFAULT_KEEPALIVE_PROBES: u32 = 3;
+/// Built-in upstream connect timeout, per server attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Built-in bound on how long a pair may stay half-closed.
+pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Built-in time live pairs get to finish after SIGTERM/SIGINT.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from (file path or `<command line>`), for messages.
+    pub source: String,
+    /// Time live pairs get to finish after the first SIGTERM/SIGINT.
+    pub shutdown_grace: Duration,
+    /// At least one route, names and listen addresses unique.
+    pub routes: Vec<Route>,
+}
+
+/// One listener and where its connections go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// Unique name, used in logs.
+    pub name: String,
+    /// Address to bind; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// Client-side socket settings.
+    pub client: ClientSpec,
+    /// Upstream servers and upstream-side socket settings.
+    pub upstream: UpstreamSpec,
+    /// No byte in either direction for this long closes the pair; `None` = off.
+    pub idle_timeout: Option<Duration>,
+    /// A pair half-closed for this long is closed; `None` = off.
+    pub half_close_timeout: Option<Duration>,
+    /// How the survivor is told when the other side fails.
+    pub on_peer_failure: OnPeerFailure,
+}
+
+/// Client side of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientSpec {
+    /// Keepalive applied to every accepted socket.
+    pub keepalive: KeepaliveSpec,
+}
+
+/// Upstream side of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamSpec {
+    /// One or more servers, tried round-robin.
+    pub servers: Vec<ServerAddr>,
+    /// Bound on each connect attempt.
+    pub connect_timeout: Duration,
+    /// Keepalive applied to every upstream socket before connect().
+    pub keepalive: KeepaliveSpec,
+}
+
+/// What to do to the surviving side when the other one fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnPeerFailure {
+    /// SO_LINGER 0 then close: the survivor's peer sees a reset, never a clean EOF.
+    Reset,
+    /// Plain close: the survivor's peer sees a FIN.
+    Close,
+}
+
+impl OnPeerFailure {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnPeerFailure::Reset => "reset",
+            OnPeerFailure::Close => "close",
+        }
+    }
+}
+
+/// TCP_USER_TIMEOUT setting of one side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserTimeout {
+    /// idle + interval × probes when keepalive is on, off otherwise.
+    Auto,
+    /// Not set (kernel retransmission limits apply, about 15 minutes).
+    Off,
+    /// This value.
+    Fixed(Duration),
+}
+
+/// Keepalive settings of one side, already checked against what the kernel accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepaliveSpec {
+    /// SO_KEEPALIVE.
+    pub enabled: bool,
+    /// TCP_KEEPIDLE, whole seconds 1..=32767.
+    pub idle: Duration,
+    /// TCP_KEEPINTVL, whole seconds 1..=32767.
+    pub interval: Duration,
+    /// TCP_KEEPCNT, 1..=127.
+    pub probes: u32,
+    /// TCP_USER_TIMEOUT.
+    pub user_timeout: UserTimeout,
+}
+
+impl Default for KeepaliveSpec {
+    fn default() -> Self {
+        KeepaliveSpec {
+            enabled: true,
+            idle: DEFAULT_KEEPALIVE_IDLE,
+            interval: DEFAULT_KEEPALIVE_INTERVAL,
+            probes: DEFAULT_KEEPALIVE_PROBES,
+            user_timeout: UserTimeout::Auto,
+        }
+    }
+}
+
+impl KeepaliveSpec {
+    /// Worst-case time to declare an idle peer dead: idle + interval × probes.
+    /// `None` when keepalive is off.
+    pub fn detection_bound(&self) -> Option<Duration> {
+        self.enabled
+            .then(|| self.idle + self.interval * self.probes)
+    }
+
+    /// The TCP_USER_TIMEOUT value to set, `None` for off.
+    pub fn effective_user_timeout(&self) -> Option<Duration> {
+        match self.user_timeout {
+            UserTimeout::Auto => self.detection_bound(),
+            UserTimeout::Off => None,
+            UserTimeout::Fixed(d) => Some(d),
+        }
+    }
+}
+
+/// An upstream server as written: host name or IP, and port. Names are
+/// resolved on every connect so that a restarted container is found.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServerAddr {
+    /// Host name or IP literal (without brackets).
+    pub host: String,
+    /// Port, 1..=65535.
+    pub port: u16,
+}
+
+impl fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&path.display().to_string(), &text)
+    }
+
+    /// Validates configuration text; `source` names it in messages.
+    pub fn from_toml(source: &str, text: &str) -> Result<Config, ConfigError> {
+        resolve::resolve(source, text)
+    }
+
+    /// A human-readable summary of every route's effective settings, as `kaproxy check` prints it.
+    pub fn describe(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "{}: ok, {} route(s)", self.source, self.routes.len());
+        let _ = writeln!(
+            out,
+            "shutdown_grace = {}",
+            fmt_duration(self.shutdown_grace)
+        );
+        for route in &self.routes {
+            let _ = writeln!(out, "\nroute \"{}\"", route.name);
+            let _ = writeln!(out, "  listen             = {}", route.listen);
+            let servers: Vec<String> = route
+                .upstream
+                .servers
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            let _ = writeln!(
+                out,
+                "  servers            = {} (round-robin)",
+                servers.join(", ")
+            );
+            let _ = writeln!(
+                out,
+                "  connect_timeout    = {}",
+                fmt_duration(route.upstream.connect_timeout)
+            );
+            let _ = writeln!(
+                out,
+                "  idle_timeout       = {}",
+                fmt_opt(route.idle_timeout)
+            );
+            let _ = writeln!(
+                out,
+                "  half_close_timeout = {}",
+                fmt_opt(route.half_close_timeout)
+            );
+            let _ = writeln!(
+                out,
+                "  on_peer_failure    = {}",
+                route.on_peer_failure.as_str()
+            );
+            for (side, ka) in [
+                ("client", &route.client.keepalive),
+                ("upstream", &route.upstream.keepalive),
+            ] {
+                let _ = writeln!(out, "  {side:<8} keepalive  = {}", describe_keepalive(ka));
+                let _ = writeln!(out, "  {side:<8} dead peer  = {}", describe_detection(ka));
+            }
+        }
+        out
+    }
+}
+
+fn describe_keepalive(ka: &KeepaliveSpec) -> String {
+    let ut = match ka.user_timeout {
+        UserTimeout::Auto => match ka.effective_user_timeout() {
+            Some(d) => format!("{} (auto)", fmt_duration(d)),
+            None => "off (auto, keepalive off)".to_string(),
+        },
+        UserTimeout::Off => "off".to_string(),
+        UserTimeout::Fixed(d) => fmt_duration(d),
+    };
+    if ka.enabled {
+        format!(
+            "idle {} interval {} probes {} user_timeout {}",
+            fmt_duration(ka.idle),
+            fmt_duration(ka.interval),
+            ka.probes,
+            ut
+        )
+    } else {
+        format!("off, user_timeout {ut}")
+    }
+}
+
+fn describe_detection(ka: &KeepaliveSpec) -> String {
+    match (ka.detection_bound(), ka.effective_user_timeout()) {
+        (Some(idle), Some(ut)) => format!(
+            "idle peer within {}, peer with data in flight within {}",
+            fmt_duration(idle),
+            fmt_duration(ut)
+        ),
+        (Some(idle), None) => format!(
+            "idle peer within {}, peer with data in flight only by kernel retransmission limits (~15 min)",
+            fmt_duration(idle)
+        ),
+        (None, Some(ut)) => format!(
+            "idle peer never (keepalive off), peer with data in flight within {}",
+            fmt_duration(ut)
+        ),
+        (None, None) => "never detected (keepalive and user_timeout off)".to_string(),
+    }
+}
+
+/// Formats a duration the way the config accepts it back ("1m 30s", "500ms").
+pub fn fmt_duration(d: Duration) -> String {
+    humantime::format_duration(d).to_string()
+}
+
+fn fmt_opt(d: Option<Duration>) -> String {
+    d.map(fmt_duration).unwrap_or_else(|| "off".to_string())
+}

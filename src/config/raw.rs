@@ -1,0 +1,76 @@
+//! Serde mirror of the TOML file. Everything is optional and spanned so that
+//! the resolve step can apply inheritance and point at the exact line.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Spanned string, the form every duration and address arrives in.
+pub type SStr = Spanned<String>;
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub shutdown_grace: Option<SStr>,
+    pub defaults: Option<RawDefaults>,
+    pub route: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+}
+
+/// `[defaults]`: everything a route can set except its name, listen address and servers.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub idle_timeout: Option<SStr>,
+    pub half_close_timeout: Option<SStr>,
+    pub on_peer_failure: Option<SStr>,
+    pub client: Option<RawClient>,
+    pub upstream: Option<RawUpstreamDefaults>,
+}
+
+/// One `[[route]]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: Option<SStr>,
+    pub listen: Option<SStr>,
+    pub idle_timeout: Option<SStr>,
+    pub half_close_timeout: Option<SStr>,
+    pub on_peer_failure: Option<SStr>,
+    pub client: Option<RawClient>,
+    pub upstream: Option<RawUpstream>,
+}
+
+/// `client` table of a route or of the defaults.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawClient {
+    pub keepalive: Option<RawKeepalive>,
+}
+
+/// `[defaults.upstream]`: servers are per route only.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamDefaults {
+    pub connect_timeout: Option<SStr>,
+    pub keepalive: Option<RawKeepalive>,
+}
+
+/// `[route.upstream]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub servers: Option<Spanned<Vec<SStr>>>,
+    pub connect_timeout: Option<SStr>,
+    pub keepalive: Option<RawKeepalive>,
+}
+
+/// A keepalive table; probes is signed so that `-1` gets our message, not serde's.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub enabled: Option<Spanned<bool>>,
+    pub idle: Option<SStr>,
+    pub interval: Option<SStr>,
+    pub probes: Option<Spanned<i64>>,
+    pub user_timeout: Option<SStr>,
+}

@@ -1,0 +1,19 @@
+//! kaproxy: a TCP forwarding proxy that applies its own keepalive settings to the
+//! client side and the upstream side of every connection, and tears down the
+//! whole pair as soon as either side fails its probes.
+//!
+//! Layout:
+//! - [`config`]: TOML → validated [`config::Config`] (raw serde layer, inheritance, kernel range checks).
+//! - [`net`]: socket options (the only socket2 user), listeners, upstream connects.
+//! - [`pair`]: one task per connection pair: relay with half-close, close reasons.
+//! - [`app`]: wires routes to listeners and owns the shutdown path.
+//! - [`cli`] and [`telemetry`]: command line and log output, used by the binary.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod net;
+pub mod pair;
+pub mod telemetry;

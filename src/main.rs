@@ -1,0 +1,107 @@
+//! The `kaproxy` binary: parse the command line, set up logging, dispatch.
+//! Exit codes: 0 ok, 64 usage or configuration error (EX_USAGE), 1 runtime failure.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+
+use kaproxy::app::App;
+use kaproxy::cli::{Cli, Command};
+use kaproxy::config::Config;
+use kaproxy::telemetry;
+
+const EXIT_USAGE: u8 = 64;
+const EXIT_RUNTIME: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+
+    let config = match cli.command {
+        Command::Check { config } => {
+            return match Config::load(&config) {
+                Ok(cfg) => {
+                    print!("{}", cfg.describe());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_USAGE)
+                }
+            };
+        }
+        Command::Run { config } => match Config::load(&config) {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        },
+        Command::Forward(args) => args.into_config(),
+    };
+
+    if let Err(e) = telemetry::init(cli.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "kaproxy stopped");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let app = App::start(config).await?;
+
+    let name = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    tracing::info!(
+        signal = name,
+        "shutting down: no new connections; a second signal exits at once"
+    );
+    tokio::select! {
+        drained = app.shutdown() => {
+            tracing::info!(drained, "kaproxy exited");
+            Ok(())
+        }
+        _ = term.recv() => second_signal("SIGTERM"),
+        _ = int.recv() => second_signal("SIGINT"),
+    }
+}
+
+fn second_signal(name: &str) -> anyhow::Result<()> {
+    tracing::warn!(
+        signal = name,
+        "second signal: exiting without waiting for live pairs"
+    );
+    anyhow::bail!("interrupted during drain by a second {name}")
+}

@@ -1,0 +1,78 @@
+//! Accept loops. One pair task is spawned per accepted socket and the loop never
+//! waits on per-connection work, so one slow client cannot stall accepts.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pair::{self, RouteState};
+
+/// First pause after running out of descriptors or memory; doubled up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// At most one log line per this period while accept keeps failing.
+const ERROR_LOG_PERIOD: Duration = Duration::from_secs(5);
+
+/// Accepts until `stop` is cancelled; the listener is dropped on return so new
+/// connects are refused from then on.
+pub async fn accept_loop(
+    listener: TcpListener,
+    route: Arc<RouteState>,
+    stop: CancellationToken,
+    pairs: TaskTracker,
+    kill_pairs: CancellationToken,
+) {
+    let mut backoff = MIN_BACKOFF;
+    let mut last_log: Option<Instant> = None;
+    let mut suppressed = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                backoff = MIN_BACKOFF;
+                pairs.spawn(pair::run(route.clone(), stream, addr, kill_pairs.clone()));
+            }
+            Err(e) => {
+                let errno = e.raw_os_error();
+                // The peer gave up between SYN and accept: nothing to do.
+                if matches!(errno, Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO))
+                    || e.kind() == io::ErrorKind::WouldBlock
+                {
+                    continue;
+                }
+                let exhausted = matches!(
+                    errno,
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                );
+                let now = Instant::now();
+                if last_log.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_PERIOD) {
+                    tracing::error!(
+                        route = %route.route.name,
+                        error = %e,
+                        suppressed,
+                        retry_in_ms = backoff.as_millis() as u64,
+                        "accept failed{}",
+                        if exhausted { "; out of file descriptors or memory, raise the nofile limit" } else { "" }
+                    );
+                    last_log = Some(now);
+                    suppressed = 0;
+                } else {
+                    suppressed += 1;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+    tracing::info!(route = %route.route.name, "stopped accepting");
+}

@@ -1,0 +1,5 @@
+//! Sockets: options, listeners, upstream connects.
+
+pub mod connect;
+pub mod listen;
+pub mod sockopt;

@@ -1,0 +1,178 @@
+//! Why a pair ended, and the one function that maps an I/O error to that reason.
+
+use std::fmt;
+use std::io;
+
+/// Which side of a pair something happened on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The connection accepted from a client.
+    Client,
+    /// The connection kaproxy opened to a server.
+    Upstream,
+}
+
+impl Side {
+    /// Stable lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Upstream => "upstream",
+        }
+    }
+}
+
+/// An I/O error together with the side whose socket produced it.
+#[derive(Debug)]
+pub struct SideError {
+    /// The failing side.
+    pub side: Side,
+    /// What the socket reported.
+    pub error: io::Error,
+}
+
+impl fmt::Display for SideError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} side: {}", self.side.as_str(), self.error)
+    }
+}
+
+/// Exactly one of these ends every pair. The snake_case names are stable: they
+/// appear in logs and will label metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// Both directions reached end of stream.
+    Completed,
+    /// The client failed keepalive probes or TCP_USER_TIMEOUT (ETIMEDOUT), or became unreachable.
+    ClientDead,
+    /// The upstream failed keepalive probes or TCP_USER_TIMEOUT, or became unreachable.
+    UpstreamDead,
+    /// The client reset the connection (ECONNRESET, EPIPE).
+    ClientReset,
+    /// The upstream reset the connection.
+    UpstreamReset,
+    /// Any other error on the client socket.
+    ClientError,
+    /// Any other error on the upstream socket.
+    UpstreamError,
+    /// No byte in either direction for `idle_timeout`.
+    IdleTimeout,
+    /// One direction ended and the other did not within `half_close_timeout`.
+    HalfCloseTimeout,
+    /// No upstream server accepted a connection.
+    ConnectFailed,
+    /// kaproxy shut down before the pair finished.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Stable snake_case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Completed => "completed",
+            CloseReason::ClientDead => "client_dead",
+            CloseReason::UpstreamDead => "upstream_dead",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::UpstreamReset => "upstream_reset",
+            CloseReason::ClientError => "client_error",
+            CloseReason::UpstreamError => "upstream_error",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::HalfCloseTimeout => "half_close_timeout",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// Whether the reason is a failure of one side, after which the other side
+    /// is closed per `on_peer_failure`.
+    pub fn failed_side(self) -> Option<Side> {
+        match self {
+            CloseReason::ClientDead | CloseReason::ClientReset | CloseReason::ClientError => {
+                Some(Side::Client)
+            }
+            CloseReason::UpstreamDead
+            | CloseReason::UpstreamReset
+            | CloseReason::UpstreamError
+            | CloseReason::ConnectFailed => Some(Side::Upstream),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Maps a side's I/O error to a close reason.
+///
+/// ETIMEDOUT is what the kernel reports when keepalive probes go unanswered or
+/// TCP_USER_TIMEOUT expires; unreachable errors come from ICMP while probing.
+/// Both mean the peer is gone without a word: `*_dead`.
+pub fn classify(err: &SideError) -> CloseReason {
+    let dead = matches!(
+        err.error.raw_os_error(),
+        Some(
+            libc::ETIMEDOUT
+                | libc::EHOSTUNREACH
+                | libc::ENETUNREACH
+                | libc::EHOSTDOWN
+                | libc::ENETDOWN
+        )
+    );
+    let reset = matches!(
+        err.error.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    );
+    match (err.side, dead, reset) {
+        (Side::Client, true, _) => CloseReason::ClientDead,
+        (Side::Upstream, true, _) => CloseReason::UpstreamDead,
+        (Side::Client, false, true) => CloseReason::ClientReset,
+        (Side::Upstream, false, true) => CloseReason::UpstreamReset,
+        (Side::Client, false, false) => CloseReason::ClientError,
+        (Side::Upstream, false, false) => CloseReason::UpstreamError,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(side: Side, errno: i32) -> CloseReason {
+        classify(&SideError {
+            side,
+            error: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn errno_maps_to_reason_per_side() {
+        assert_eq!(os(Side::Client, libc::ETIMEDOUT), CloseReason::ClientDead);
+        assert_eq!(
+            os(Side::Upstream, libc::ETIMEDOUT),
+            CloseReason::UpstreamDead
+        );
+        assert_eq!(
+            os(Side::Upstream, libc::EHOSTUNREACH),
+            CloseReason::UpstreamDead
+        );
+        assert_eq!(os(Side::Client, libc::ECONNRESET), CloseReason::ClientReset);
+        assert_eq!(os(Side::Upstream, libc::EPIPE), CloseReason::UpstreamReset);
+        assert_eq!(os(Side::Client, libc::EINVAL), CloseReason::ClientError);
+        assert_eq!(
+            os(Side::Upstream, libc::ENOBUFS),
+            CloseReason::UpstreamError
+        );
+    }
+
+    #[test]
+    fn names_are_stable_snake_case() {
+        assert_eq!(CloseReason::HalfCloseTimeout.as_str(), "half_close_timeout");
+        assert_eq!(CloseReason::ConnectFailed.to_string(), "connect_failed");
+        assert_eq!(CloseReason::ClientDead.failed_side(), Some(Side::Client));
+        assert_eq!(CloseReason::Completed.failed_side(), None);
+    }
+}
