@@ -1,0 +1,303 @@
+//! Test harness: runs the real `kaproxy` binary on a port-0 config, reads the
+//! bound addresses and close events from its JSON log, and kills it on drop.
+//! Every wait here has a deadline.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of the binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kaproxy"))
+}
+
+/// Log lines shared between the reader thread and the test.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<Value>>,
+    raw: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running kaproxy.
+pub struct Proxy {
+    child: Option<Child>,
+    log: Arc<Log>,
+    routes: Vec<(String, SocketAddr)>,
+    _dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+}
+
+impl Proxy {
+    /// Starts `kaproxy run` on this config text and waits until every route logged its bound address.
+    pub fn start(config: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kaproxy.toml");
+        std::fs::write(&path, config).expect("write config");
+        let expected = config.matches("[[route]]").count();
+        let mut cmd = Command::new(bin());
+        cmd.args(["--log-format", "json", "run", "-c"]).arg(&path);
+        Proxy::spawn(cmd, expected, dir, path)
+    }
+
+    /// Starts `kaproxy forward` with these arguments (one route, "forward").
+    pub fn forward(args: &[&str]) -> Proxy {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(bin());
+        cmd.args(["--log-format", "json", "forward"]).args(args);
+        let path = dir.path().join("none");
+        Proxy::spawn(cmd, 1, dir, path)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        expected_routes: usize,
+        dir: tempfile::TempDir,
+        path: PathBuf,
+    ) -> Proxy {
+        cmd.env("KAPROXY_LOG", "info")
+            .env_remove("KAPROXY_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn kaproxy");
+        let log = Arc::new(Log::default());
+        let stdout = child.stdout.take().expect("stdout");
+        let stderr = child.stderr.take().expect("stderr");
+        for (stream, is_json) in [
+            (Box::new(stdout) as Box<dyn Read + Send>, true),
+            (Box::new(stderr), false),
+        ] {
+            let log = log.clone();
+            thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if std::env::var_os("KAPROXY_TEST_ECHO").is_some() {
+                        eprintln!("[kaproxy] {line}");
+                    }
+                    if is_json {
+                        if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                            log.lines.lock().unwrap().push(v);
+                        }
+                    }
+                    log.raw.lock().unwrap().push(line);
+                    log.changed.notify_all();
+                }
+            });
+        }
+        let mut proxy = Proxy {
+            child: Some(child),
+            log,
+            routes: Vec::new(),
+            _dir: dir,
+            config_path: path,
+        };
+        let listening = proxy.wait_events(
+            |v| message(v) == "route listening",
+            expected_routes,
+            Duration::from_secs(10),
+        );
+        for v in listening {
+            let name = v["route"].as_str().expect("route field").to_string();
+            let addr: SocketAddr = v["address"]
+                .as_str()
+                .expect("address field")
+                .parse()
+                .expect("address parses");
+            proxy.routes.push((name, addr));
+        }
+        proxy
+    }
+
+    /// Bound address of a route.
+    pub fn addr(&self, route: &str) -> SocketAddr {
+        self.routes
+            .iter()
+            .find(|(n, _)| n == route)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("route {route} not listening"))
+    }
+
+    /// All JSON log events so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// Raw stdout and stderr lines, for failure messages.
+    pub fn raw_log(&self) -> String {
+        self.log.raw.lock().unwrap().join("\n")
+    }
+
+    /// Waits until at least `n` events match, or panics with the log at the deadline.
+    pub fn wait_events(
+        &self,
+        pred: impl Fn(&Value) -> bool,
+        n: usize,
+        within: Duration,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + within;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            let found: Vec<Value> = lines.iter().filter(|v| pred(v)).cloned().collect();
+            if found.len() >= n {
+                return found;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                drop(lines);
+                panic!(
+                    "waited {within:?} for {n} matching log events, found {}; log:\n{}",
+                    found.len(),
+                    self.raw_log()
+                );
+            }
+            lines = self
+                .log
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// "pair closed" events so far.
+    pub fn closes(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|v| message(v) == "pair closed")
+            .collect()
+    }
+
+    /// Waits for `n` "pair closed" events and returns them.
+    pub fn wait_closes(&self, n: usize, within: Duration) -> Vec<Value> {
+        self.wait_events(|v| message(v) == "pair closed", n, within)
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args(["-s", sig, &pid.to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -s {sig} failed");
+    }
+
+    /// Waits for exit within the deadline.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "kaproxy did not exit within {within:?}; log:\n{}",
+                    self.raw_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The `message` of a JSON log event.
+pub fn message(v: &Value) -> &str {
+    v["message"].as_str().unwrap_or("")
+}
+
+/// The close reason of a "pair closed" event.
+pub fn reason(v: &Value) -> &str {
+    v["reason"].as_str().unwrap_or("")
+}
+
+/// A span field of a "pair closed" event (route, client.addr, upstream.addr).
+pub fn span_field<'a>(v: &'a Value, name: &str) -> &'a str {
+    v["span"][name].as_str().unwrap_or("")
+}
+
+/// Polls `f` until it returns Some or the deadline passes.
+pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A listener on 127.0.0.1:0 for an upstream peer.
+pub fn upstream_listener() -> (TcpListener, SocketAddr) {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
+/// Echo server: echoes every connection until EOF, then half-closes. Runs until the process ends.
+pub fn echo_server() -> SocketAddr {
+    let (l, a) = upstream_listener();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    a
+}
+
+/// A port on 127.0.0.1 with nothing listening (bound then closed).
+pub fn dead_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// Connects with a deadline on every read and write.
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Writes `msg`, reads the same number of bytes back, returns them.
+pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    s.write_all(msg)?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf)?;
+    Ok(buf)
+}
+
+/// A minimal config with one route on 127.0.0.1:0 to these servers, plus extra route-level TOML.
+pub fn one_route(name: &str, servers: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+    format!(
+        "shutdown_grace = \"2s\"\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{extra}\n[route.upstream]\nservers = [{}]\nconnect_timeout = \"1s\"\n",
+        list.join(", ")
+    )
+}

@@ -1,0 +1,155 @@
+//! Bytes through the real binary: integrity both ways at once, half-close, forward mode.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use rand::{RngCore, SeedableRng};
+use sha2::{Digest, Sha256};
+
+const SIZE: usize = 64 * 1024 * 1024;
+
+fn random(seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; SIZE];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut data);
+    data
+}
+
+/// Sends `data` on a clone of `s` while reading everything the peer sends until EOF;
+/// returns the digest of what was read.
+fn send_and_receive(s: std::net::TcpStream, data: Vec<u8>) -> (Vec<u8>, usize) {
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk).unwrap();
+        }
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut r = s;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0;
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        total += n;
+    }
+    writer.join().unwrap();
+    (hasher.finalize().to_vec(), total)
+}
+
+#[test]
+fn sixty_four_mib_each_way_at_once_arrive_intact() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("bulk", &[up], ""));
+
+    let up_data = random(2);
+    let up_digest = Sha256::digest(&up_data).to_vec();
+    let upstream = thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        send_and_receive(s, up_data)
+    });
+
+    let client_data = random(1);
+    let client_digest = Sha256::digest(&client_data).to_vec();
+    let s = connect(proxy.addr("bulk"));
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let (got_at_client, n_client) = send_and_receive(s, client_data);
+    let (got_at_upstream, n_upstream) = upstream.join().unwrap();
+
+    assert_eq!(n_upstream, SIZE, "upstream received every byte");
+    assert_eq!(n_client, SIZE, "client received every byte");
+    assert_eq!(got_at_upstream, client_digest, "client→upstream digest");
+    assert_eq!(got_at_client, up_digest, "upstream→client digest");
+
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "completed");
+    assert_eq!(closes[0]["bytes.client_to_upstream"], SIZE as u64);
+    assert_eq!(closes[0]["bytes.upstream_to_client"], SIZE as u64);
+    assert_eq!(span_field(&closes[0], "route"), "bulk");
+    assert_eq!(span_field(&closes[0], "upstream.addr"), up.to_string());
+    assert!(!span_field(&closes[0], "client.addr").is_empty());
+}
+
+#[test]
+fn half_closed_client_receives_the_whole_reply() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("half", &[up], ""));
+    // The upstream answers only after it has read the whole request (EOF),
+    // like a protocol that uses the FIN as "request complete".
+    let reply: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let expected = reply.clone();
+    let upstream = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).unwrap();
+        s.write_all(&reply).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        request
+    });
+
+    let mut c = connect(proxy.addr("half"));
+    c.write_all(b"request body").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    c.read_to_end(&mut got).unwrap();
+
+    assert_eq!(upstream.join().unwrap(), b"request body");
+    assert_eq!(got.len(), expected.len(), "whole reply after half-close");
+    assert!(got == expected, "reply bytes intact");
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "completed");
+}
+
+#[test]
+fn forward_subcommand_relays_without_a_file() {
+    let up = echo_server();
+    let proxy = Proxy::forward(&[
+        "127.0.0.1:0",
+        &up.to_string(),
+        "--client-keepalive",
+        "20s/5s/3",
+        "--upstream-keepalive",
+        "30s/5s/3/off",
+    ]);
+    let mut c = connect(proxy.addr("forward"));
+    assert_eq!(round_trip(&mut c, b"ping").unwrap(), b"ping");
+    drop(c);
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "completed");
+}
+
+#[test]
+fn many_sequential_and_parallel_pairs_all_complete() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route("many", &[up], ""));
+    let addr = proxy.addr("many");
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            thread::spawn(move || {
+                for i in 0..25 {
+                    let mut c = connect(addr);
+                    let msg = format!("worker {w} message {i}");
+                    assert_eq!(round_trip(&mut c, msg.as_bytes()).unwrap(), msg.as_bytes());
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let closes = proxy.wait_closes(200, Duration::from_secs(10));
+    assert!(
+        closes.iter().all(|c| reason(c) == "completed"),
+        "{closes:?}"
+    );
+}
