@@ -393,14 +393,19 @@ fn field_at(text: &str, offset: usize, snippet: &str) -> String {
         parts.push(h);
     }
     if let Some(k) = key {
-        parts.push(k.clone());
-        let inner = snippet.trim_matches('"');
-        if !inner.is_empty()
-            && inner != k
-            && !snippet.starts_with('"')
-            && !snippet.contains(['=', '{', ' '])
-        {
-            parts.push(inner.to_string());
+        parts.push(k);
+        // Inside an inline table the span is at an inner key (unknown field) or
+        // at an inner value (wrong type): name the inner key too.
+        let prefix = &line[..(offset - line_start).min(line.len())];
+        if let Some(brace) = prefix.find('{') {
+            let segment = prefix[brace..].rsplit(['{', ',']).next().unwrap_or("");
+            let inner = match segment.split_once('=') {
+                Some((k, _)) => k.trim().to_string(),
+                None => snippet.to_string(),
+            };
+            if !inner.is_empty() && !inner.contains([' ', '"', '=']) {
+                parts.push(inner);
+            }
         }
     } else if !snippet.is_empty() && !snippet.contains(['=', '{', ' ', '\n']) {
         parts.push(snippet.to_string());

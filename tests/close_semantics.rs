@@ -1,0 +1,207 @@
+//! How pairs end: connect failures, resets passed on, FIN vs RST, idle and half-close timers.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::Shutdown;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[test]
+fn one_server_down_every_connection_goes_to_the_other() {
+    let up = echo_server();
+    let down = dead_port();
+    let proxy = Proxy::start(&one_route("failover", &[down, up], ""));
+    for i in 0..10 {
+        let mut c = connect(proxy.addr("failover"));
+        let msg = format!("request {i}");
+        assert_eq!(
+            round_trip(&mut c, msg.as_bytes()).unwrap(),
+            msg.as_bytes(),
+            "connection {i} relayed via the live server"
+        );
+    }
+    let closes = proxy.wait_closes(10, Duration::from_secs(5));
+    assert!(
+        closes.iter().all(|c| reason(c) == "completed"),
+        "{closes:?}"
+    );
+    assert!(closes
+        .iter()
+        .all(|c| span_field(c, "upstream.addr") == up.to_string()));
+    // Round-robin starts at the dead server every other time: each such attempt is logged.
+    let failures = proxy
+        .events()
+        .iter()
+        .filter(|v| message(v) == "upstream connect failed")
+        .count();
+    assert!(
+        failures >= 4,
+        "expected logged connect failures, got {failures}"
+    );
+}
+
+#[test]
+fn all_servers_down_closes_the_client_promptly_with_connect_failed() {
+    let proxy = Proxy::start(&one_route("nowhere", &[dead_port(), dead_port()], ""));
+    let mut c = connect(proxy.addr("nowhere"));
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = c.read(&mut buf);
+    let elapsed = start.elapsed();
+    // Reset by default: the client must not mistake it for an empty but complete reply.
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected reset, got {r:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "closed after {elapsed:?}, refused connects should fail at once"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "connect_failed");
+    assert!(
+        closes[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("refused"),
+        "{}",
+        closes[0]
+    );
+}
+
+#[test]
+fn upstream_reset_resets_the_client() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("rst", &[up], ""));
+    let upstream = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let mut c = connect(proxy.addr("rst"));
+    c.write_all(b"hello").unwrap();
+    upstream.join().unwrap();
+    let mut buf = [0u8; 1];
+    let r = c.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected reset, got {r:?}"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "upstream_reset");
+}
+
+#[test]
+fn on_peer_failure_close_sends_fin_instead() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("fin", &[up], "on_peer_failure = \"close\""));
+    let upstream = thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).unwrap();
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(s);
+    });
+    let mut c = connect(proxy.addr("fin"));
+    c.write_all(b"hello").unwrap();
+    upstream.join().unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        c.read(&mut buf).unwrap(),
+        0,
+        "clean EOF with on_peer_failure = close"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "upstream_reset");
+}
+
+#[test]
+fn client_reset_resets_the_upstream() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("crst", &[up], ""));
+    let c = connect(proxy.addr("crst"));
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    socket2::SockRef::from(&c)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(c);
+    let mut buf = [0u8; 1];
+    let r = s.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "expected reset, got {r:?}"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "client_reset");
+}
+
+#[test]
+fn idle_timeout_closes_a_silent_pair_but_not_a_busy_one() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route("idle", &[up], "idle_timeout = \"1s\""));
+    let mut busy = connect(proxy.addr("idle"));
+    let mut silent = connect(proxy.addr("idle"));
+    assert_eq!(round_trip(&mut silent, b"x").unwrap(), b"x");
+    let start = Instant::now();
+    // Keep one pair busy for 2.5 s, well past the 1 s idle timeout.
+    while start.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(round_trip(&mut busy, b"tick").unwrap(), b"tick");
+        thread::sleep(Duration::from_millis(200));
+    }
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        silent.read(&mut buf).unwrap(),
+        0,
+        "silent pair closed with FIN"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(closes.len(), 1, "only the silent pair closed: {closes:?}");
+    assert_eq!(reason(&closes[0]), "idle_timeout");
+    let ms = closes[0]["duration_ms"].as_u64().unwrap();
+    // Bound 1 s from the last byte; tolerance 1 s for scheduling.
+    assert!(
+        (1000..2000).contains(&ms),
+        "idle pair closed after {ms} ms, expected 1 s + tolerance"
+    );
+    assert_eq!(round_trip(&mut busy, b"still here").unwrap(), b"still here");
+}
+
+#[test]
+fn half_close_timeout_bounds_a_pair_stuck_half_closed() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("stuck", &[up], "half_close_timeout = \"1s\""));
+    let mut c = connect(proxy.addr("stuck"));
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        s.read(&mut buf).unwrap(),
+        0,
+        "upstream sees the client's FIN"
+    );
+    // The upstream never finishes its direction.
+    let start = Instant::now();
+    let r = c.read(&mut buf);
+    let elapsed = start.elapsed();
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "cut short is a reset, got {r:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(900) && elapsed < Duration::from_secs(3),
+        "closed after {elapsed:?}, bound 1 s + 2 s tolerance"
+    );
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "half_close_timeout");
+}

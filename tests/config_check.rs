@@ -1,0 +1,274 @@
+//! `kaproxy check` on good and bad files: exit codes and the exact messages users see.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::bin;
+
+fn check_file(path: &Path) -> Output {
+    Command::new(bin())
+        .args(["check", "-c"])
+        .arg(path)
+        .env_remove("KAPROXY_CONFIG")
+        .output()
+        .expect("run kaproxy check")
+}
+
+fn check_text(text: &str) -> (i32, String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = check_file(&path);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        path.display().to_string(),
+    )
+}
+
+const ROUTE: &str = "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"127.0.0.1:9\"]\n";
+
+/// Each case: config text, expected line, expected field, expected words of the problem.
+const BAD: &[(&str, &str, usize, &str, &str)] = &[
+    (
+        "unknown key in keepalive",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = { idel = \"5s\" }\n[route.upstream]\nservers = [\"a:1\"]\n",
+        5,
+        "route.client.keepalive.idel",
+        "unknown field `idel`",
+    ),
+    ("unknown top-level table", "[admn]\nlisten = \"x\"\n", 1, "admn", "unknown field `admn`"),
+    (
+        "sub-second idle",
+        "[defaults.client.keepalive]\nidle = \"1500ms\"\n",
+        2,
+        "defaults.client.keepalive.idle",
+        "1s 500ms is not a whole number of seconds",
+    ),
+    (
+        "idle over 32767 s",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nkeepalive = { idle = \"40000s\" }\n",
+        6,
+        "route \"web\".upstream.keepalive.idle",
+        "out of range",
+    ),
+    (
+        "interval zero",
+        "[defaults.upstream.keepalive]\ninterval = \"0s\"\n",
+        2,
+        "defaults.upstream.keepalive.interval",
+        "out of range",
+    ),
+    ("probes zero", "[defaults.client.keepalive]\n\nprobes = 0\n", 3, "defaults.client.keepalive.probes", "0 probes is out of range"),
+    ("probes 128", "[defaults.client.keepalive]\nprobes = 128\n", 2, "defaults.client.keepalive.probes", "128 probes is out of range"),
+    (
+        "user_timeout garbage",
+        "[defaults.client.keepalive]\nuser_timeout = \"soon\"\n",
+        2,
+        "defaults.client.keepalive.user_timeout",
+        "neither auto, off nor a duration",
+    ),
+    ("bad duration", "[defaults]\nhalf_close_timeout = \"ten seconds\"\n", 2, "defaults.half_close_timeout", "is not a duration"),
+    ("bad on_peer_failure", "[defaults]\non_peer_failure = \"explode\"\n", 2, "defaults.on_peer_failure", "not a known action"),
+    (
+        "bad listen address",
+        "[[route]]\nname = \"web\"\nlisten = \"localhost:80\"\n[route.upstream]\nservers = [\"a:1\"]\n",
+        3,
+        "route \"web\".listen",
+        "not an IP:PORT address",
+    ),
+    (
+        "server without port",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\",\n  \"tomcat\"]\n",
+        6,
+        "route \"web\".upstream.servers",
+        "has no port",
+    ),
+    (
+        "server port out of range",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:70000\"]\n",
+        5,
+        "route \"web\".upstream.servers",
+        "invalid port",
+    ),
+    (
+        "empty server list",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = []\n",
+        5,
+        "route \"web\".upstream.servers",
+        "the server list is empty",
+    ),
+    (
+        "no servers at all",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n",
+        1,
+        "route \"web\".upstream.servers",
+        "no upstream servers",
+    ),
+    (
+        "duplicate route names",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\n[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\n",
+        7,
+        "route[1].name",
+        "already used by the route at line 2",
+    ),
+    (
+        "two routes on one listen address",
+        "[[route]]\nname = \"a\"\nlisten = \"0.0.0.0:8000\"\n[route.upstream]\nservers = [\"a:1\"]\n[[route]]\nname = \"b\"\nlisten = \"127.0.0.1:8000\"\n[route.upstream]\nservers = [\"a:1\"]\n",
+        8,
+        "route \"b\".listen",
+        "overlaps the listen address of route \"a\" (line 3)",
+    ),
+    ("no routes", "[defaults]\nidle_timeout = \"0s\"\n", 3, "route", "no [[route]] is defined"),
+    ("route without name", "[[route]]\nlisten = \"127.0.0.1:0\"\n", 1, "route[0].name", "has no name"),
+    (
+        "wrong type",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nkeepalive = { probes = \"three\" }\n",
+        6,
+        "route.upstream.keepalive.probes",
+        "invalid type",
+    ),
+    ("toml syntax", "[[route]\nname = 1\n", 1, "(top level)", "unclosed array table"),
+];
+
+#[test]
+fn every_invalid_config_is_refused_with_file_line_field_and_help() {
+    assert!(BAD.len() >= 20, "the table of bad configs is not empty");
+    for (what, text, line, field, problem) in BAD {
+        let (code, stdout, stderr, path) = check_text(text);
+        assert_eq!(code, 64, "{what}: exit code; stderr:\n{stderr}");
+        assert!(stdout.is_empty(), "{what}: nothing on stdout, got {stdout}");
+        let head = format!("error: {path}:{line}: {field}");
+        assert!(
+            stderr.starts_with(&head),
+            "{what}: expected to start with {head:?}, got:\n{stderr}"
+        );
+        assert!(
+            stderr.contains(problem),
+            "{what}: expected {problem:?} in:\n{stderr}"
+        );
+        assert!(
+            stderr.contains("\n  help: "),
+            "{what}: a fix hint, got:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn missing_file_is_a_clear_error() {
+    let out = check_file(Path::new("/nonexistent/kaproxy.toml"));
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/kaproxy.toml: cannot read the configuration file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn example_config_is_accepted_and_described() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kaproxy.toml");
+    assert!(path.is_file(), "conf/kaproxy.toml exists");
+    let out = check_file(&path);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok, 2 route(s)"), "{stdout}");
+    assert!(stdout.contains("route \"tomcat-http\""), "{stdout}");
+    assert!(
+        stdout.contains("listen             = 0.0.0.0:8000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("servers            = 127.0.0.1:8080"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("route \"tomcat-ajp\""), "{stdout}");
+    assert!(
+        stdout.contains("servers            = 127.0.0.1:8009"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_prints_inherited_settings_and_detection_time_per_side() {
+    let text = format!(
+        "[defaults]\nidle_timeout = \"5m\"\n[defaults.client.keepalive]\nidle = \"20s\"\ninterval = \"5s\"\nprobes = 4\n[defaults.upstream]\nkeepalive = {{ enabled = false }}\n{ROUTE}[route.client]\nkeepalive = {{ probes = 2, user_timeout = \"2500ms\" }}\n"
+    );
+    let (code, stdout, stderr, _) = check_text(&text);
+    assert_eq!(code, 0, "{stderr}");
+    // Route overrides probes and user_timeout; idle and interval come from [defaults].
+    assert!(
+        stdout
+            .contains("client   keepalive  = idle 20s interval 5s probes 2 user_timeout 2s 500ms"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "client   dead peer  = idle peer within 30s, peer with data in flight within 2s 500ms"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream keepalive  = off, user_timeout off (auto, keepalive off)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream dead peer  = never detected"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("idle_timeout       = 5m"), "{stdout}");
+    assert!(stdout.contains("half_close_timeout = 1m"), "{stdout}");
+}
+
+#[test]
+fn run_refuses_a_bad_config_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.toml");
+    std::fs::write(&path, "[defaults.client.keepalive]\nprobes = 0\n").unwrap();
+    let out = Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":2: defaults.client.keepalive.probes"));
+}
+
+#[test]
+fn config_path_falls_back_to_kaproxy_config_env() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kaproxy.toml");
+    let out = Command::new(bin())
+        .arg("check")
+        .env("KAPROXY_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kaproxy.toml: ok"));
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let out = Command::new(bin())
+        .args([
+            "forward",
+            "127.0.0.1:0",
+            "a:1",
+            "--client-keepalive",
+            "1s/1s/0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("0 probes is out of range"));
+}
