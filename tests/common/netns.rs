@@ -1,0 +1,192 @@
+//! Runs a test body inside a private network namespace (`unshare -n`, as root),
+//! where it may black-hole traffic with nftables without touching the host.
+//!
+//! The test binary re-executes itself under `unshare -n` for just that one test;
+//! the child brings `lo` up and runs the body, and everything it starts (kaproxy,
+//! peers) lives and dies inside that namespace. Without root or the tools this
+//! prints why the test is skipped; under CI=true that is a failure instead.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+const CHILD_ENV: &str = "KAPROXY_TEST_IN_NETNS";
+
+fn under_ci() -> bool {
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
+}
+
+fn sh_ok(cmd: &str, args: &[&str]) -> bool {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn why_not_possible() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    if uid.as_deref() != Some("0") {
+        return Some(format!(
+            "needs root for unshare -n and nftables (uid is {})",
+            uid.unwrap_or_else(|| "unknown".into())
+        ));
+    }
+    for tool in ["unshare", "nft", "ip", "ss"] {
+        if !sh_ok("sh", &["-c", &format!("command -v {tool}")]) {
+            return Some(format!(
+                "{tool} is not installed (apt-get install nftables iproute2 util-linux)"
+            ));
+        }
+    }
+    if !sh_ok("unshare", &["-n", "true"]) {
+        return Some("unshare -n is not permitted here".into());
+    }
+    None
+}
+
+/// Runs `body` in a fresh network namespace; `name` must be the test's own name.
+pub fn isolated(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_some() {
+        run(&["ip", "link", "set", "lo", "up"]);
+        run(&["nft", "add", "table", "inet", "kaproxy_test"]);
+        run(&[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "kaproxy_test",
+            "output",
+            "{ type filter hook output priority 0; policy accept; }",
+        ]);
+        body();
+        return;
+    }
+    if let Some(why) = why_not_possible() {
+        if under_ci() {
+            panic!("{name} must run in CI but cannot: {why}");
+        }
+        eprintln!("SKIPPED {name}: {why}");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let out = Command::new("unshare")
+        .args(["-n", "--"])
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, "1")
+        .output()
+        .expect("run the test inside unshare -n");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    print!("{stdout}");
+    eprint!("{stderr}");
+    assert!(
+        out.status.success(),
+        "{name} failed inside its network namespace"
+    );
+    // Guards against a name that filtered out every test, which would "pass" vacuously.
+    assert!(
+        stdout.contains("test result: ok. 1 passed"),
+        "{name} did not run inside the namespace"
+    );
+}
+
+/// Runs a command that must succeed.
+pub fn run(argv: &[&str]) -> String {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{argv:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Drops every packet between `ip` and the port `port` (both directions), as if
+/// the host at `ip` had been cut off without a word.
+pub fn blackhole_host_port(ip: IpAddr, port: u16) {
+    let (p, port) = (ip.to_string(), port.to_string());
+    run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "kaproxy_test",
+        "output",
+        "ip",
+        "saddr",
+        &p,
+        "tcp",
+        "dport",
+        &port,
+        "drop",
+    ]);
+    run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "kaproxy_test",
+        "output",
+        "ip",
+        "daddr",
+        &p,
+        "tcp",
+        "sport",
+        &port,
+        "drop",
+    ]);
+}
+
+/// Drops every packet to or from a TCP port.
+pub fn blackhole_port(port: u16) {
+    let port = port.to_string();
+    run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "kaproxy_test",
+        "output",
+        "tcp",
+        "dport",
+        &port,
+        "drop",
+    ]);
+    run(&[
+        "nft",
+        "add",
+        "rule",
+        "inet",
+        "kaproxy_test",
+        "output",
+        "tcp",
+        "sport",
+        &port,
+        "drop",
+    ]);
+}
+
+/// Connects to `to` from source address `from` (any 127.x.y.z works on lo).
+pub fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&SocketAddr::new(from, 0).into())
+        .expect("bind source address");
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))
+        .expect("connect to proxy");
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}

@@ -1,0 +1,263 @@
+//! Half-dead pairs for real: inside a private network namespace one side's packets
+//! are black-holed with nftables and the survivor's fate is timed against the
+//! configured bound.
+//!
+//! Failing side: keepalive idle 1 s, interval 1 s, probes 2, so the bound is
+//! 1 + 1 × 2 = 3 s, and user_timeout auto is 3 s as well. Tolerance: 2 s on top of
+//! the bound, for kernel timer granularity and scheduling on a loaded CI machine.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::netns::{blackhole_host_port, blackhole_port, connect_from, isolated, run};
+use common::*;
+
+const BOUND: Duration = Duration::from_secs(3);
+const TOLERANCE: Duration = Duration::from_secs(2);
+const FAST: &str = "{ idle = \"1s\", interval = \"1s\", probes = 2 }";
+const CLIENT_A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const CLIENT_B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
+
+fn config(up: SocketAddr, client_ka: &str, upstream_ka: &str) -> String {
+    format!(
+        "shutdown_grace = \"1s\"\n[[route]]\nname = \"ka\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {client_ka}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {upstream_ka}\n"
+    )
+}
+
+fn is_reset(r: &std::io::Result<usize>) -> bool {
+    matches!(r, Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe))
+}
+
+/// Establishes a pair and passes one message each way, so both sides are known good.
+fn open_pair(proxy: &Proxy, listener: &TcpListener, from: IpAddr) -> (TcpStream, TcpStream) {
+    let mut c = connect_from(from, proxy.addr("ka"));
+    let (mut u, _) = listener.accept().expect("accept from proxy");
+    u.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    u.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    u.read_exact(&mut buf).unwrap();
+    u.write_all(b"pong").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"pong");
+    (c, u)
+}
+
+fn assert_within_bound(what: &str, elapsed: Duration) {
+    println!("{what}: survivor closed {elapsed:?} after the black-hole (bound {BOUND:?} + tolerance {TOLERANCE:?})");
+    assert!(
+        elapsed <= BOUND + TOLERANCE,
+        "{what}: took {elapsed:?}, bound {BOUND:?} + {TOLERANCE:?}"
+    );
+}
+
+#[test]
+fn client_silent_while_idle_resets_the_upstream_within_the_bound() {
+    isolated(
+        "client_silent_while_idle_resets_the_upstream_within_the_bound",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let (_c, mut u) = open_pair(&proxy, &listener, CLIENT_A);
+
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            let mut buf = [0u8; 1];
+            let r = u.read(&mut buf);
+            let elapsed = t0.elapsed();
+            assert!(is_reset(&r), "upstream peer should see a reset, got {r:?}");
+            assert_within_bound("client silent while idle", elapsed);
+
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+        },
+    );
+}
+
+#[test]
+fn upstream_silent_while_idle_resets_the_client_within_the_bound() {
+    isolated(
+        "upstream_silent_while_idle_resets_the_client_within_the_bound",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, "{ idle = \"60s\" }", FAST));
+            let (mut c, _u) = open_pair(&proxy, &listener, CLIENT_A);
+
+            blackhole_port(up.port());
+            let t0 = Instant::now();
+            let mut buf = [0u8; 1];
+            let r = c.read(&mut buf);
+            let elapsed = t0.elapsed();
+            assert!(is_reset(&r), "client should see a reset, got {r:?}");
+            assert_within_bound("upstream silent while idle", elapsed);
+
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "upstream_dead", "{}", closes[0]);
+        },
+    );
+}
+
+#[test]
+fn client_silent_with_data_in_flight_is_caught_by_user_timeout() {
+    isolated(
+        "client_silent_with_data_in_flight_is_caught_by_user_timeout",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let (mut c, u) = open_pair(&proxy, &listener, CLIENT_A);
+
+            // The upstream streams to the client until its connection breaks; keepalive
+            // never fires while data is unacknowledged, only TCP_USER_TIMEOUT does.
+            let (tx, rx) = mpsc::channel();
+            let writer = thread::spawn(move || {
+                let mut u = u;
+                let chunk = vec![7u8; 64 * 1024];
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while Instant::now() < deadline {
+                    if let Err(e) = u.write_all(&chunk) {
+                        tx.send((Instant::now(), e.kind())).unwrap();
+                        return;
+                    }
+                }
+                tx.send((Instant::now(), ErrorKind::TimedOut)).unwrap();
+            });
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            while got < 4 * 1024 * 1024 {
+                got += c.read(&mut buf).unwrap();
+            }
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            let (t1, kind) = rx
+                .recv_timeout(Duration::from_secs(40))
+                .expect("writer reports");
+            writer.join().unwrap();
+            assert!(
+                matches!(kind, ErrorKind::ConnectionReset | ErrorKind::BrokenPipe),
+                "upstream write should fail with a reset, got {kind:?}"
+            );
+            assert_within_bound(
+                "client silent with data in flight (user_timeout auto = 3 s)",
+                t1 - t0,
+            );
+
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+        },
+    );
+}
+
+#[test]
+fn healthy_idle_pair_survives_three_bounds_and_still_passes_data() {
+    isolated(
+        "healthy_idle_pair_survives_three_bounds_and_still_passes_data",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, FAST));
+            let (mut c, mut u) = open_pair(&proxy, &listener, CLIENT_A);
+
+            let quiet = BOUND * 3;
+            thread::sleep(quiet / 2);
+            // kaproxy's own sockets (client side and upstream side) carry the keepalive
+            // timer: the probes keeping this pair alive are really being sent.
+            let ss = run(&["ss", "-tnoi", "state", "established"]);
+            let timers = ss.matches("timer:(keepalive").count();
+            assert!(
+                timers >= 2,
+                "expected keepalive timers on both of kaproxy's sockets:\n{ss}"
+            );
+            thread::sleep(quiet - quiet / 2);
+
+            assert!(
+                proxy.closes().is_empty(),
+                "nothing may close a healthy pair: {:?}",
+                proxy.closes()
+            );
+            c.write_all(b"after").unwrap();
+            let mut buf = [0u8; 5];
+            u.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"after");
+            u.write_all(b"reply").unwrap();
+            c.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"reply");
+        },
+    );
+}
+
+#[test]
+fn fifty_silent_clients_of_a_hundred_close_exactly_their_fifty_upstreams() {
+    isolated(
+        "fifty_silent_clients_of_a_hundred_close_exactly_their_fifty_upstreams",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let mut pairs = Vec::new();
+            for i in 0..100u32 {
+                let from = if i < 50 { CLIENT_A } else { CLIENT_B };
+                let mut c = connect_from(from, proxy.addr("ka"));
+                c.write_all(&i.to_be_bytes()).unwrap();
+                let (mut u, _) = listener.accept().unwrap();
+                let mut id = [0u8; 4];
+                u.read_exact(&mut id).unwrap();
+                assert_eq!(u32::from_be_bytes(id), i, "pairs accepted in order");
+                pairs.push((c, u));
+            }
+
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            let watch = BOUND + TOLERANCE + Duration::from_secs(1);
+            let watchers: Vec<_> = pairs
+                .iter()
+                .map(|(_, u)| {
+                    let mut u = u.try_clone().unwrap();
+                    u.set_read_timeout(Some(watch)).unwrap();
+                    thread::spawn(move || {
+                        let mut buf = [0u8; 1];
+                        let r = u.read(&mut buf);
+                        (r, t0.elapsed())
+                    })
+                })
+                .collect();
+            for (i, w) in watchers.into_iter().enumerate() {
+                let (r, elapsed) = w.join().unwrap();
+                if i < 50 {
+                    assert!(
+                        is_reset(&r),
+                        "pair {i} (silent client): expected reset, got {r:?}"
+                    );
+                    assert!(
+                        elapsed <= BOUND + TOLERANCE,
+                        "pair {i}: reset after {elapsed:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(&r, Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)),
+                        "pair {i} (live client): must stay open, got {r:?}"
+                    );
+                }
+            }
+            for (i, (c, u)) in pairs.iter_mut().enumerate().skip(50) {
+                c.write_all(b"live").unwrap();
+                let mut buf = [0u8; 4];
+                u.read_exact(&mut buf).unwrap();
+                u.write_all(&buf).unwrap();
+                c.read_exact(&mut buf).unwrap();
+                assert_eq!(&buf, b"live", "pair {i} passes data");
+            }
+            let closes = proxy.wait_closes(50, Duration::from_secs(5));
+            assert_eq!(closes.len(), 50, "exactly the 50 silent pairs closed");
+            assert!(
+                closes.iter().all(|v| reason(v) == "client_dead"),
+                "{closes:?}"
+            );
+            assert!(closes
+                .iter()
+                .all(|v| span_field(v, "client.addr").starts_with("127.0.0.2:")));
+        },
+    );
+}
