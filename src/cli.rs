@@ -42,7 +42,7 @@ pub enum Command {
         config: PathBuf,
     },
     /// Forward one listen address to one or more servers, without a file.
-    Forward(ForwardArgs),
+    Forward(Box<ForwardArgs>),
 }
 
 /// `kaproxy forward` arguments.
@@ -159,7 +159,7 @@ mod tests {
         let Command::Forward(args) = cli.command else {
             panic!("not forward")
         };
-        let cfg = args.into_config();
+        let cfg = (*args).into_config();
         let r = &cfg.routes[0];
         assert_eq!(r.client.keepalive.idle, Duration::from_secs(20));
         assert_eq!(r.client.keepalive.probes, 4);

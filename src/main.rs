@@ -47,7 +47,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(EXIT_USAGE);
             }
         },
-        Command::Forward(args) => args.into_config(),
+        Command::Forward(args) => (*args).into_config(),
     };
 
     if let Err(e) = telemetry::init(cli.log_format) {

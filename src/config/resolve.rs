@@ -341,7 +341,8 @@ pub(super) fn resolve(file: &str, text: &str) -> Result<Config, ConfigError> {
 /// Two binds that cannot both succeed: the same port with equal IPs, or with an
 /// unspecified IP on either side (0.0.0.0 / :: take the port on every address).
 fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
-    if a.port() != b.port() {
+    // "[::]:p" is bound IPv6-only, so it does not take "0.0.0.0:p".
+    if a.port() != b.port() || a.is_ipv4() != b.is_ipv4() {
         return false;
     }
     a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
@@ -665,4 +666,108 @@ pub fn parse_keepalive_shorthand(s: &str) -> Result<KeepaliveSpec, String> {
         probes,
         user_timeout,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROUTE: &str = "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\n";
+
+    #[test]
+    fn inheritance_is_field_by_field() {
+        let text = format!(
+            "[defaults]\non_peer_failure = \"close\"\n[defaults.client.keepalive]\nidle = \"20s\"\nprobes = 5\n[defaults.upstream]\nconnect_timeout = \"7s\"\n{ROUTE}keepalive = {{ interval = \"2s\" }}\n[route.client]\nkeepalive = {{ probes = 9 }}\n"
+        );
+        let cfg = resolve("t", &text).unwrap();
+        let r = &cfg.routes[0];
+        assert_eq!(
+            r.client.keepalive.idle,
+            Duration::from_secs(20),
+            "from defaults"
+        );
+        assert_eq!(r.client.keepalive.probes, 9, "route wins");
+        assert_eq!(
+            r.client.keepalive.interval,
+            Duration::from_secs(10),
+            "built-in"
+        );
+        assert_eq!(r.upstream.keepalive.interval, Duration::from_secs(2));
+        assert_eq!(r.upstream.keepalive.idle, Duration::from_secs(60));
+        assert_eq!(r.upstream.connect_timeout, Duration::from_secs(7));
+        assert_eq!(r.on_peer_failure, OnPeerFailure::Close);
+        assert_eq!(r.half_close_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(r.idle_timeout, None);
+        assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn builtin_defaults_detect_within_ninety_seconds() {
+        let cfg = resolve("t", ROUTE).unwrap();
+        let ka = cfg.routes[0].client.keepalive;
+        assert_eq!(ka.detection_bound(), Some(Duration::from_secs(90)));
+        assert_eq!(ka.effective_user_timeout(), Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn user_timeout_forms() {
+        assert_eq!(parse_user_timeout("auto").unwrap(), UserTimeout::Auto);
+        assert_eq!(parse_user_timeout("off").unwrap(), UserTimeout::Off);
+        assert_eq!(
+            parse_user_timeout("2500ms").unwrap(),
+            UserTimeout::Fixed(Duration::from_millis(2500))
+        );
+        assert!(parse_user_timeout("0s").is_err());
+        assert!(parse_user_timeout("1500us").is_err());
+        assert!(parse_user_timeout("60d").is_err());
+    }
+
+    #[test]
+    fn keepalive_seconds_edges() {
+        assert!(check_keepalive_secs(Duration::from_secs(1), "X").is_ok());
+        assert!(check_keepalive_secs(Duration::from_secs(32767), "X").is_ok());
+        assert!(check_keepalive_secs(Duration::from_secs(32768), "X").is_err());
+        assert!(check_keepalive_secs(Duration::from_millis(999), "X").is_err());
+        assert!(check_probes(127).is_ok());
+        assert!(check_probes(-1).is_err());
+    }
+
+    #[test]
+    fn server_addresses() {
+        assert_eq!(
+            parse_server("tomcat-1:8080").unwrap().to_string(),
+            "tomcat-1:8080"
+        );
+        assert_eq!(parse_server("[::1]:9").unwrap().host, "::1");
+        assert!(parse_server("::1:9").is_err());
+        assert!(parse_server("host:0").is_err());
+        assert!(parse_server(":80").is_err());
+        assert!(parse_server("bad host:80").is_err());
+        assert!(parse_listen("0.0.0.0:8080").is_ok());
+        assert!(parse_listen("[::]:0").is_ok());
+        assert!(parse_listen("example.com:80").is_err());
+    }
+
+    #[test]
+    fn shorthand_matches_file_rules() {
+        let ka = parse_keepalive_shorthand("30s/5s/3/off").unwrap();
+        assert_eq!(
+            (ka.idle.as_secs(), ka.interval.as_secs(), ka.probes),
+            (30, 5, 3)
+        );
+        assert_eq!(ka.user_timeout, UserTimeout::Off);
+        assert!(!parse_keepalive_shorthand("off").unwrap().enabled);
+        assert!(parse_keepalive_shorthand("30s/5s").is_err());
+        assert!(parse_keepalive_shorthand("30s/5s/200").is_err());
+    }
+
+    #[test]
+    fn listen_overlap_rules() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listen_conflict(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(listen_conflict(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(!listen_conflict(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!listen_conflict(a("127.0.0.1:80"), a("127.0.0.1:81")));
+        assert!(!listen_conflict(a("[::]:80"), a("0.0.0.0:80")));
+    }
 }
