@@ -3,6 +3,7 @@
 pub mod close;
 pub mod relay;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,12 +31,12 @@ pub struct RouteState {
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
 /// path ends in exactly one "pair closed" event.
-pub async fn run(
+pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
     client_addr: SocketAddr,
     cancel: CancellationToken,
-) {
+) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!(
         "pair",
@@ -44,7 +45,7 @@ pub async fn run(
         client.addr = %client_addr,
         upstream.addr = field::Empty,
     );
-    run_inner(route, client, cancel).instrument(span).await
+    run_inner(route, client, cancel).instrument(span)
 }
 
 async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: CancellationToken) {
@@ -70,8 +71,10 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
         return;
     }
 
+    // Boxed: the connect state (resolver, timeout, socket) is large and only
+    // lives until the pair is established, so it must not size the pair's task.
     let connected = tokio::select! {
-        c = connect::connect(&r.upstream, &route.next_server) => c,
+        c = Box::pin(connect::connect(&r.upstream, &route.next_server)) => c,
         _ = cancel.cancelled() => {
             let end = RelayEnd::plain(CloseReason::Shutdown);
             finish(r.on_peer_failure, &client, None, &end, &stats, started, None);
@@ -81,7 +84,7 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
     let upstream = match connected {
         Ok(c) => {
             tracing::Span::current().record("upstream.addr", field::display(c.addr));
-            c
+            c.stream
         }
         Err(e) => {
             let end = RelayEnd::plain(CloseReason::ConnectFailed);
@@ -102,11 +105,11 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
         idle_timeout: r.idle_timeout,
         half_close_timeout: r.half_close_timeout,
     };
-    let end = relay::relay(&client, &upstream.stream, limits, &stats, &cancel).await;
+    let end = relay::relay(&client, &upstream, &limits, &stats, &cancel).await;
     finish(
         r.on_peer_failure,
         &client,
-        Some(&upstream.stream),
+        Some(&upstream),
         &end,
         &stats,
         started,

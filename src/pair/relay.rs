@@ -4,15 +4,17 @@
 //! read would block, so an idle pair holds no relay buffer at all: the cost of
 //! an idle pair is its task and its two sockets.
 
-use std::future::pending;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::{sleep_until, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{sleep_until, Instant, Sleep};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::close::{classify, CloseReason, Side, SideError};
 use crate::net::sockopt;
@@ -104,72 +106,204 @@ fn other(side: Side) -> Side {
 }
 
 /// Relays until both directions end, one side fails, a timer fires or `cancel` is triggered.
-pub async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    limits: RelayLimits,
-    stats: &RelayStats,
-    cancel: &CancellationToken,
-) -> RelayEnd {
-    let mut c2u = std::pin::pin!(pump(
+///
+/// A hand-written future rather than nested async blocks: waiting on socket
+/// readiness through `poll_read_ready`/`poll_write_ready` stores nothing in the
+/// future, so an idle pair's task stays small. Timers and the half-close error
+/// watch are boxed and exist only while they are needed.
+pub fn relay<'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    limits: &'a RelayLimits,
+    stats: &'a RelayStats,
+    cancel: &'a CancellationToken,
+) -> Relay<'a> {
+    Relay {
         client,
         upstream,
-        Side::Client,
-        &stats.client_to_upstream,
-        stats
-    ));
-    let mut u2c = std::pin::pin!(pump(
-        upstream,
-        client,
-        Side::Upstream,
-        &stats.upstream_to_client,
-        stats
-    ));
-    let mut c2u_done = false;
-    let mut u2c_done = false;
-    let mut half_close_deadline: Option<Instant> = None;
-
-    loop {
-        if c2u_done && u2c_done {
-            return RelayEnd::plain(CloseReason::Completed);
-        }
-        let idle_deadline = limits.idle_timeout.map(|d| stats.last_activity() + d);
-        tokio::select! {
-            r = &mut c2u, if !c2u_done => match r {
-                Ok(()) => {
-                    c2u_done = true;
-                    half_close_deadline = limits.half_close_timeout.map(|d| Instant::now() + d);
-                }
-                Err(e) => return RelayEnd::from_error(e),
-            },
-            r = &mut u2c, if !u2c_done => match r {
-                Ok(()) => {
-                    u2c_done = true;
-                    half_close_deadline = limits.half_close_timeout.map(|d| Instant::now() + d);
-                }
-                Err(e) => return RelayEnd::from_error(e),
-            },
-            // A side that has sent its FIN is no longer read, so its death would go
-            // unnoticed until something is written to it; wait for its socket error instead.
-            e = socket_error(client, Side::Client), if c2u_done && !u2c_done => return RelayEnd::from_error(e),
-            e = socket_error(upstream, Side::Upstream), if u2c_done && !c2u_done => return RelayEnd::from_error(e),
-            _ = maybe_sleep_until(idle_deadline) => {
-                if let Some(d) = limits.idle_timeout {
-                    if stats.last_activity() + d <= Instant::now() {
-                        return RelayEnd::plain(CloseReason::IdleTimeout);
-                    }
-                }
-            }
-            _ = maybe_sleep_until(half_close_deadline) => return RelayEnd::plain(CloseReason::HalfCloseTimeout),
-            _ = cancel.cancelled() => return RelayEnd::plain(CloseReason::Shutdown),
-        }
+        limits,
+        stats,
+        c2u: Direction::default(),
+        u2c: Direction::default(),
+        idle_timer: limits
+            .idle_timeout
+            .map(|d| Box::pin(sleep_until(Instant::now() + d))),
+        half_close_timer: None,
+        error_watch: None,
+        cancelled: cancel.cancelled(),
     }
 }
 
-async fn maybe_sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => pending().await,
+pin_project_lite::pin_project! {
+    /// The relay future of one pair; see [`relay`].
+    pub struct Relay<'a> {
+        client: &'a TcpStream,
+        upstream: &'a TcpStream,
+        limits: &'a RelayLimits,
+        stats: &'a RelayStats,
+        c2u: Direction,
+        u2c: Direction,
+        idle_timer: Option<Pin<Box<Sleep>>>,
+        half_close_timer: Option<Pin<Box<Sleep>>>,
+        error_watch: Option<Pin<Box<dyn Future<Output = SideError> + Send + 'a>>>,
+        #[pin]
+        cancelled: WaitForCancellationFuture<'a>,
+    }
+}
+
+impl Future for Relay<'_> {
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self.project();
+        let (client, upstream, stats, limits) =
+            (*this.client, *this.upstream, *this.stats, *this.limits);
+        let directions = [
+            (
+                &mut *this.c2u,
+                client,
+                upstream,
+                Side::Client,
+                &stats.client_to_upstream,
+            ),
+            (
+                &mut *this.u2c,
+                upstream,
+                client,
+                Side::Upstream,
+                &stats.upstream_to_client,
+            ),
+        ];
+        for (dir, from, to, side, counter) in directions {
+            if dir.done {
+                continue;
+            }
+            match dir.poll(cx, from, to, side, counter, stats) {
+                Poll::Ready(Ok(())) => {
+                    dir.done = true;
+                    *this.half_close_timer = limits
+                        .half_close_timeout
+                        .map(|d| Box::pin(sleep_until(Instant::now() + d)));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::from_error(e)),
+                Poll::Pending => {}
+            }
+        }
+        match (this.c2u.done, this.u2c.done) {
+            (true, true) => return Poll::Ready(RelayEnd::plain(CloseReason::Completed)),
+            // A side that has sent its FIN is no longer read, so its death would go
+            // unnoticed until something is written to it; wait for its socket error.
+            (true, false) if this.error_watch.is_none() => {
+                *this.error_watch = Some(Box::pin(socket_error(client, Side::Client)))
+            }
+            (false, true) if this.error_watch.is_none() => {
+                *this.error_watch = Some(Box::pin(socket_error(upstream, Side::Upstream)))
+            }
+            _ => {}
+        }
+        if let Some(w) = this.error_watch.as_mut() {
+            if let Poll::Ready(e) = w.as_mut().poll(cx) {
+                return Poll::Ready(RelayEnd::from_error(e));
+            }
+        }
+        if let (Some(timer), Some(d)) = (this.idle_timer.as_mut(), limits.idle_timeout) {
+            let deadline = stats.last_activity() + d;
+            if timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(RelayEnd::plain(CloseReason::IdleTimeout));
+            }
+        }
+        if let Some(timer) = this.half_close_timer.as_mut() {
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(RelayEnd::plain(CloseReason::HalfCloseTimeout));
+            }
+        }
+        if this.cancelled.poll(cx).is_ready() {
+            return Poll::Ready(RelayEnd::plain(CloseReason::Shutdown));
+        }
+        Poll::Pending
+    }
+}
+
+/// State of one direction. The sockets are passed in on each poll rather than
+/// stored, to keep the per-pair state small.
+#[derive(Default)]
+struct Direction {
+    /// Bytes read and not yet written, and how far writing got. `None` while
+    /// waiting to read: that is where an idle pair sits, holding no buffer.
+    pending: Option<(Vec<u8>, usize)>,
+    done: bool,
+}
+
+impl Direction {
+    /// Ready(Ok) once EOF has been read from `from` and passed on to `to` as a half-close.
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+        from_side: Side,
+        counter: &AtomicU64,
+        stats: &RelayStats,
+    ) -> Poll<Result<(), SideError>> {
+        let from_err = |error| SideError {
+            side: from_side,
+            error,
+        };
+        let to_err = |error| SideError {
+            side: other(from_side),
+            error,
+        };
+        loop {
+            if let Some((buf, written)) = self.pending.as_mut() {
+                if *written < buf.len() {
+                    if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(to_err(e)));
+                    }
+                    match to.try_write(&buf[*written..]) {
+                        Ok(0) => return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into()))),
+                        Ok(n) => {
+                            *written += n;
+                            counter.fetch_add(n as u64, Ordering::Relaxed);
+                            stats.touch();
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                            ) => {}
+                        Err(e) => return Poll::Ready(Err(to_err(e))),
+                    }
+                    continue;
+                }
+            }
+            // Everything read has been written. Straight after a write, try the
+            // next read with the same buffer; after a pause, wait for readiness
+            // first and only then allocate.
+            let mut buf = match self.pending.take() {
+                Some((buf, _)) => buf,
+                None => {
+                    if let Err(e) = ready!(from.poll_read_ready(cx)) {
+                        return Poll::Ready(Err(from_err(e)));
+                    }
+                    Vec::with_capacity(RELAY_BUFFER)
+                }
+            };
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
+                Ok(_) => self.pending = Some((buf, 0)),
+                // Drained for now: the buffer is dropped here, before waiting again.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Poll::Ready(Err(from_err(e))),
+            }
+        }
     }
 }
 
@@ -191,64 +325,4 @@ async fn socket_error(stream: &TcpStream, side: Side) -> SideError {
             }
         }
     }
-}
-
-/// Copies `from` → `to` until EOF, then half-closes `to`.
-async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
-    from_side: Side,
-    counter: &AtomicU64,
-    stats: &RelayStats,
-) -> Result<(), SideError> {
-    let to_side = other(from_side);
-    loop {
-        from.readable().await.map_err(|error| SideError {
-            side: from_side,
-            error,
-        })?;
-        let mut buf: Vec<u8> = Vec::with_capacity(RELAY_BUFFER);
-        loop {
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    sockopt::shutdown_write(to).map_err(|error| SideError {
-                        side: to_side,
-                        error,
-                    })?;
-                    return Ok(());
-                }
-                Ok(n) => {
-                    write_all(to, &buf[..n]).await.map_err(|error| SideError {
-                        side: to_side,
-                        error,
-                    })?;
-                    counter.fetch_add(n as u64, Ordering::Relaxed);
-                    stats.touch();
-                }
-                // Drained for now: give the buffer back before waiting again.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(error) => {
-                    return Err(SideError {
-                        side: from_side,
-                        error,
-                    })
-                }
-            }
-        }
-    }
-}
-
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        match to.try_write(data) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
