@@ -174,15 +174,89 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn compare(name: &str, unit: &str, scale: f64, direct: f64, proxied: f64) -> f64 {
-    let ratio = proxied / direct;
-    println!(
-        "{name:<34} direct {:>10.1} {unit:<8} kaproxy {:>10.1} {unit:<8} ratio {:>5.1}%",
+/// Prints one row: direct, kaproxy, and HAProxy when it ran; returns kaproxy / direct.
+fn compare(
+    name: &str,
+    unit: &str,
+    scale: f64,
+    direct: f64,
+    kaproxy: f64,
+    haproxy: Option<f64>,
+) -> f64 {
+    let ratio = kaproxy / direct;
+    let mut row = format!(
+        "{name:<32} direct {:>9.1} {unit:<6} kaproxy {:>9.1} ({:>5.1}%)",
         direct / scale,
-        proxied / scale,
+        kaproxy / scale,
         ratio * 100.0
     );
+    if let Some(h) = haproxy {
+        row += &format!(
+            "  haproxy {:>9.1} ({:>5.1}%)",
+            h / scale,
+            h / direct * 100.0
+        );
+    }
+    println!("{row}");
     ratio
+}
+
+/// HAProxy in TCP mode in front of `upstream`, when the haproxy binary is installed:
+/// the reference the mission measures itself against.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Haproxy {
+    fn start(upstream: SocketAddr) -> Option<Haproxy> {
+        let bin = ["/usr/sbin/haproxy", "/usr/local/sbin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())?;
+        let port = TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir = tempfile::tempdir().ok()?;
+        let cfg = dir.path().join("haproxy.cfg");
+        std::fs::write(
+            &cfg,
+            format!(
+                "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend b\nbackend b\n  server s1 {upstream}\n"
+            ),
+        )
+        .ok()?;
+        let child = Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Some(Haproxy {
+            child,
+            addr,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[allow(unsafe_code)]
@@ -303,44 +377,57 @@ fn main() {
     let bytes = env_usize("KAPROXY_BENCH_BYTES", 1 << 30);
     let rounds = env_usize("KAPROXY_BENCH_ROUNDS", 20_000);
     let pairs = env_usize("KAPROXY_BENCH_IDLE_PAIRS", 10_000);
-    println!("kaproxy relay benchmark: {RUNS} alternating runs each, medians; direct and kaproxy on loopback in one process run");
+    println!("kaproxy relay benchmark: {RUNS} alternating runs each, medians; direct, kaproxy and (when installed) HAProxy on loopback in one process run");
 
     let mut thr = f64::NAN;
     if only.is_empty() || only == "throughput" {
         let (sink_addr, done) = sink();
         let proxy = Proxy::start(sink_addr);
-        let (mut d, mut p) = (Vec::new(), Vec::new());
+        let haproxy = Haproxy::start(sink_addr);
+        // HAProxy's readiness probe reached the sink as an empty stream: discard it.
+        thread::sleep(Duration::from_millis(300));
+        while done.try_recv().is_ok() {}
+        let (mut d, mut p, mut h) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..RUNS {
             d.push(bulk(sink_addr, &done, bytes));
             p.push(bulk(proxy.addr, &done, bytes));
+            if let Some(hp) = &haproxy {
+                h.push(bulk(hp.addr, &done, bytes));
+            }
         }
+        let h = (!h.is_empty()).then(|| median(h));
         thr = compare(
             "single-stream throughput",
             "MiB/s",
             1024.0 * 1024.0,
             median(d),
             median(p),
+            h,
         );
-        drop(proxy);
     }
     if only.is_empty() || only == "rt" {
         let echo_addr = echo();
         let proxy = Proxy::start(echo_addr);
+        let haproxy = Haproxy::start(echo_addr);
         for conns in [1usize, 16] {
-            let (mut d, mut p) = (Vec::new(), Vec::new());
+            let (mut d, mut p, mut h) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..RUNS {
                 d.push(round_trips(echo_addr, conns, rounds));
                 p.push(round_trips(proxy.addr, conns, rounds));
+                if let Some(hp) = &haproxy {
+                    h.push(round_trips(hp.addr, conns, rounds));
+                }
             }
+            let h = (!h.is_empty()).then(|| median(h));
             compare(
                 &format!("64 B round trips, {conns} conn(s)"),
                 "rt/s",
                 1.0,
                 median(d),
                 median(p),
+                h,
             );
         }
-        drop(proxy);
     }
 
     // kaproxy holds two descriptors per pair; this process one (the echo process the other).

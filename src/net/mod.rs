@@ -3,3 +3,4 @@
 pub mod connect;
 pub mod listen;
 pub mod sockopt;
+pub mod splice;

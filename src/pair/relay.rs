@@ -18,6 +18,7 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::close::{classify, CloseReason, Side, SideError};
 use crate::net::sockopt;
+use crate::net::splice::{self, Pipe};
 
 /// Size of a relay buffer while data flows. 64 KiB keeps syscalls per byte low
 /// on bulk transfers; it is only held while a socket has data to read.
@@ -227,14 +228,33 @@ impl Future for Relay<'_> {
     }
 }
 
+/// Data read from one side and not yet fully written to the other.
+enum Pending {
+    /// Copy path: a user-space buffer and how much of it has been written.
+    Buffer(Vec<u8>, usize),
+    /// Zero-copy path for bulk transfers.
+    Pipe(Pipe),
+}
+
 /// State of one direction. The sockets are passed in on each poll rather than
 /// stored, to keep the per-pair state small.
 #[derive(Default)]
 struct Direction {
-    /// Bytes read and not yet written, and how far writing got. `None` while
-    /// waiting to read: that is where an idle pair sits, holding no buffer.
-    pending: Option<(Vec<u8>, usize)>,
+    /// `None` while waiting to read: that is where an idle pair sits, holding
+    /// neither buffer nor pipe.
+    pending: Option<Pending>,
+    /// The last read filled a whole buffer: move to splice for the rest of the burst.
+    bulk: bool,
+    /// splice is not available for these sockets; copy only.
+    copy_only: bool,
     done: bool,
+}
+
+fn transient(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+    )
 }
 
 impl Direction {
@@ -256,9 +276,13 @@ impl Direction {
             side: other(from_side),
             error,
         };
+        let wrote = |n: usize| {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+            stats.touch();
+        };
         loop {
-            if let Some((buf, written)) = self.pending.as_mut() {
-                if *written < buf.len() {
+            match self.pending.as_mut() {
+                Some(Pending::Buffer(buf, written)) if *written < buf.len() => {
                     if let Err(e) = ready!(to.poll_write_ready(cx)) {
                         return Poll::Ready(Err(to_err(e)));
                     }
@@ -266,25 +290,61 @@ impl Direction {
                         Ok(0) => return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into()))),
                         Ok(n) => {
                             *written += n;
-                            counter.fetch_add(n as u64, Ordering::Relaxed);
-                            stats.touch();
+                            wrote(n);
                         }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                            ) => {}
+                        Err(e) if transient(&e) => {}
                         Err(e) => return Poll::Ready(Err(to_err(e))),
                     }
                     continue;
+                }
+                Some(Pending::Pipe(pipe)) if pipe.queued > 0 => {
+                    if let Err(e) = ready!(to.poll_write_ready(cx)) {
+                        return Poll::Ready(Err(to_err(e)));
+                    }
+                    match to.try_io(Interest::WRITABLE, || pipe.drain_to(to)) {
+                        Ok(n) => wrote(n),
+                        Err(e) if transient(&e) => {}
+                        Err(e) => return Poll::Ready(Err(to_err(e))),
+                    }
+                    continue;
+                }
+                Some(Pending::Pipe(pipe)) => {
+                    match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
+                        Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
+                        Ok(_) => {}
+                        // Burst over: close the pipe before waiting again.
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.pending = None;
+                            self.bulk = false;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        // EINVAL: these descriptors cannot splice; fall back to copying.
+                        Err(e) if splice::unsupported(&e) => {
+                            self.pending = None;
+                            self.copy_only = true;
+                        }
+                        Err(e) => return Poll::Ready(Err(from_err(e))),
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if self.bulk && !self.copy_only {
+                match Pipe::new() {
+                    Ok(pipe) => {
+                        self.pending = Some(Pending::Pipe(pipe));
+                        continue;
+                    }
+                    // Out of descriptors, say: copying still works.
+                    Err(_) => self.bulk = false,
                 }
             }
             // Everything read has been written. Straight after a write, try the
             // next read with the same buffer; after a pause, wait for readiness
             // first and only then allocate.
             let mut buf = match self.pending.take() {
-                Some((buf, _)) => buf,
-                None => {
+                Some(Pending::Buffer(buf, _)) => buf,
+                _ => {
                     if let Err(e) = ready!(from.poll_read_ready(cx)) {
                         return Poll::Ready(Err(from_err(e)));
                     }
@@ -294,13 +354,12 @@ impl Direction {
             buf.clear();
             match from.try_read_buf(&mut buf) {
                 Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
-                Ok(_) => self.pending = Some((buf, 0)),
+                Ok(n) => {
+                    self.bulk = n == buf.capacity();
+                    self.pending = Some(Pending::Buffer(buf, 0));
+                }
                 // Drained for now: the buffer is dropped here, before waiting again.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                    ) => {}
+                Err(e) if transient(&e) => {}
                 Err(e) => return Poll::Ready(Err(from_err(e))),
             }
         }
