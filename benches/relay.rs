@@ -373,10 +373,12 @@ fn main() {
         return echo_process_main();
     }
     let only = std::env::var("KAPROXY_BENCH_ONLY").unwrap_or_default();
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run either way.
-    let bytes = env_usize("KAPROXY_BENCH_BYTES", 1 << 30);
-    let rounds = env_usize("KAPROXY_BENCH_ROUNDS", 20_000);
-    let pairs = env_usize("KAPROXY_BENCH_IDLE_PAIRS", 10_000);
+    // `cargo bench` passes --bench. Without it (`cargo test --benches`) this is a
+    // smoke run with small sizes that only shows the benchmark still works.
+    let full = std::env::args().any(|a| a == "--bench");
+    let bytes = env_usize("KAPROXY_BENCH_BYTES", if full { 1 << 30 } else { 8 << 20 });
+    let rounds = env_usize("KAPROXY_BENCH_ROUNDS", if full { 20_000 } else { 320 });
+    let pairs = env_usize("KAPROXY_BENCH_IDLE_PAIRS", if full { 10_000 } else { 200 });
     println!("kaproxy relay benchmark: {RUNS} alternating runs each, medians; direct, kaproxy and (when installed) HAProxy on loopback in one process run");
 
     let mut thr = f64::NAN;
@@ -443,6 +445,10 @@ fn main() {
     );
 
     println!();
+    if !full {
+        println!("smoke run (no --bench): sizes too small for the figures to mean anything; use cargo bench --bench relay");
+        return;
+    }
     if !thr.is_nan() {
         println!(
             "targets: throughput >= 80% of direct: {}",
