@@ -1,5 +1,7 @@
 //! Log output: text or JSON lines on stdout, filtered by `KAPROXY_LOG`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Environment variable holding the filter (tracing EnvFilter syntax).
