@@ -24,8 +24,11 @@ pub fn init(format: LogFormat) -> Result<(), String> {
             .map_err(|e| format!("{LOG_ENV}={v:?} is not a valid log filter: {e}"))?,
         _ => EnvFilter::new("info"),
     };
+    // Colour only on a terminal: container log collectors would store the escapes.
+    let ansi = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stdout);
     let result = match format {
         LogFormat::Text => builder.try_init(),
