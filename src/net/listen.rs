@@ -74,5 +74,7 @@ pub async fn accept_loop(
             }
         }
     }
+    // Closed before the log line, so anyone who sees it can rely on refusals.
+    drop(listener);
     tracing::info!(route = %route.route.name, "stopped accepting");
 }
