@@ -238,18 +238,6 @@ pub fn span_field<'a>(v: &'a Value, name: &str) -> &'a str {
     v["span"][name].as_str().unwrap_or("")
 }
 
-/// Polls `f` until it returns Some or the deadline passes.
-pub fn eventually<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A listener on 127.0.0.1:0 for an upstream peer.
 pub fn upstream_listener() -> (TcpListener, SocketAddr) {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind upstream");
