@@ -1,7 +1,7 @@
 //! Wires a [`Config`] into listeners and pair tasks, and owns the one shutdown path.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,8 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{fmt_duration, Config};
+use crate::health;
 use crate::net::{listen, sockopt};
 use crate::pair::RouteState;
+use crate::pool::Pool;
 
 /// After the grace period, pairs are told to close; this bounds how long that takes.
 const KILL_WAIT: Duration = Duration::from_secs(1);
@@ -44,7 +46,7 @@ pub struct App {
     shutdown_grace: Duration,
     stop_accepting: CancellationToken,
     kill_pairs: CancellationToken,
-    accept_loops: TaskTracker,
+    services: TaskTracker,
     pairs: TaskTracker,
 }
 
@@ -78,7 +80,7 @@ impl App {
             shutdown_grace: config.shutdown_grace,
             stop_accepting: CancellationToken::new(),
             kill_pairs: CancellationToken::new(),
-            accept_loops: TaskTracker::new(),
+            services: TaskTracker::new(),
             pairs: TaskTracker::new(),
         };
         let ids = Arc::new(AtomicU64::new(1));
@@ -88,19 +90,30 @@ impl App {
                 .upstream
                 .servers
                 .iter()
-                .map(|s| s.to_string())
+                .map(|s| s.addr.to_string())
                 .collect();
             tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
             bound.push(BoundRoute {
                 name: route.name.clone(),
                 addr,
             });
+            let health_check = route.upstream.health_check.clone();
             let state = Arc::new(RouteState {
+                pool: Pool::new(&route.name, &route.upstream),
                 route,
-                next_server: AtomicUsize::new(0),
                 ids: ids.clone(),
             });
-            app.accept_loops.spawn(listen::accept_loop(
+            if let Some(check) = health_check {
+                for index in 0..state.pool.servers.len() {
+                    app.services.spawn(health::run(
+                        state.clone(),
+                        index,
+                        check.clone(),
+                        app.stop_accepting.clone(),
+                    ));
+                }
+            }
+            app.services.spawn(listen::accept_loop(
                 listener,
                 state,
                 app.stop_accepting.clone(),
@@ -121,8 +134,8 @@ impl App {
     /// every pair finished within the grace period.
     pub async fn shutdown(&self) -> bool {
         self.stop_accepting.cancel();
-        self.accept_loops.close();
-        self.accept_loops.wait().await;
+        self.services.close();
+        self.services.wait().await;
         self.pairs.close();
         let live = self.pairs.len();
         tracing::info!(live_pairs = live, grace = %fmt_duration(self.shutdown_grace), "draining");

@@ -6,8 +6,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    self, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, UpstreamSpec,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    self, Balance, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, Server, UpstreamSpec,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::telemetry::LogFormat;
 
@@ -60,6 +60,9 @@ pub struct ForwardArgs {
     /// Upstream-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
     #[arg(long, default_value = "60s/10s/3", value_parser = config::parse_keepalive_shorthand)]
     pub upstream_keepalive: KeepaliveSpec,
+    /// How new connections are spread: round-robin, least-connections, random or first.
+    #[arg(long, value_parser = parse_balance, default_value = "round-robin")]
+    pub balance: Balance,
     /// Bound on each upstream connect attempt.
     #[arg(long, value_parser = parse_positive_duration, default_value = "3s")]
     pub connect_timeout: Duration,
@@ -91,7 +94,15 @@ impl ForwardArgs {
                     keepalive: self.client_keepalive,
                 },
                 upstream: UpstreamSpec {
-                    servers: self.servers,
+                    servers: self
+                        .servers
+                        .into_iter()
+                        .map(|addr| Server { addr, weight: 1 })
+                        .collect(),
+                    balance: self.balance,
+                    retries: None,
+                    health_check: None,
+                    ejection: DEFAULT_EJECTION,
                     connect_timeout: self.connect_timeout,
                     keepalive: self.upstream_keepalive,
                 },
@@ -126,6 +137,18 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
         Ok(_) => Err("must be greater than zero".to_string()),
         Err(e) => Err(format!(
             "{s:?} is not a duration ({e}); write e.g. \"3s\" or \"500ms\""
+        )),
+    }
+}
+
+fn parse_balance(s: &str) -> Result<Balance, String> {
+    match s {
+        "round-robin" => Ok(Balance::RoundRobin),
+        "least-connections" => Ok(Balance::LeastConnections),
+        "random" => Ok(Balance::Random),
+        "first" => Ok(Balance::First),
+        _ => Err(format!(
+            "{s:?}: use round-robin, least-connections, random or first"
         )),
     }
 }
@@ -169,7 +192,7 @@ mod tests {
         );
         assert!(!r.upstream.keepalive.enabled);
         assert_eq!(r.upstream.servers.len(), 2);
-        assert_eq!(r.upstream.servers[1].to_string(), "[::1]:2");
+        assert_eq!(r.upstream.servers[1].addr.to_string(), "[::1]:2");
     }
 
     #[test]

@@ -6,14 +6,18 @@
 //! - [`config`]: TOML → validated [`config::Config`] (raw serde layer, inheritance, kernel range checks).
 //! - [`net`]: socket options (the only socket2 user), listeners, upstream connects.
 //! - [`pair`]: one task per connection pair: relay with half-close, close reasons.
+//! - [`pool`], [`balance`], [`health`]: a route's servers, how they are chosen, active checks.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
 //! - [`cli`] and [`telemetry`]: command line and log output, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod net;
 pub mod pair;
+pub mod pool;
 pub mod telemetry;

@@ -31,16 +31,21 @@ fn one_server_down_every_connection_goes_to_the_other() {
     assert!(closes
         .iter()
         .all(|c| span_field(c, "upstream.addr") == up.to_string()));
-    // Round-robin starts at the dead server every other time: each such attempt is logged.
+    // Round-robin starts at the dead server every other time until passive
+    // ejection (3 failures in a row by default) takes it out of the rotation.
     let failures = proxy
         .events()
         .iter()
         .filter(|v| message(v) == "upstream connect failed")
         .count();
-    assert!(
-        failures >= 4,
-        "expected logged connect failures, got {failures}"
-    );
+    assert_eq!(failures, 3, "connect failures before ejection");
+    let ejected = proxy
+        .events()
+        .into_iter()
+        .find(|v| message(v) == "server state changed")
+        .expect("the dead server was ejected");
+    assert_eq!(ejected["state"], "ejected");
+    assert_eq!(ejected["server"], down.to_string());
 }
 
 #[test]

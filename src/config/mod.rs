@@ -69,13 +69,123 @@ pub struct ClientSpec {
 /// Upstream side of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamSpec {
-    /// One or more servers, tried round-robin.
-    pub servers: Vec<ServerAddr>,
+    /// One or more servers.
+    pub servers: Vec<Server>,
+    /// How new connections are spread over the servers.
+    pub balance: Balance,
+    /// Further servers tried after a failed connect; `None` = every server once.
+    pub retries: Option<u32>,
+    /// Active health checks, if configured.
+    pub health_check: Option<HealthCheck>,
+    /// Passive ejection on consecutive connect failures.
+    pub ejection: Ejection,
     /// Bound on each connect attempt.
     pub connect_timeout: Duration,
     /// Keepalive applied to every upstream socket before connect().
     pub keepalive: KeepaliveSpec,
 }
+
+/// One upstream server of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Server {
+    /// Where it is.
+    pub addr: ServerAddr,
+    /// Relative share of new connections, 1..=1000.
+    pub weight: u32,
+}
+
+/// Load-balancing mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Smooth weighted round-robin.
+    RoundRobin,
+    /// Fewest active pairs per unit of weight.
+    LeastConnections,
+    /// Weighted random.
+    Random,
+    /// The first healthy server in list order gets everything (active/passive).
+    First,
+}
+
+impl Balance {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round-robin",
+            Balance::LeastConnections => "least-connections",
+            Balance::Random => "random",
+            Balance::First => "first",
+        }
+    }
+}
+
+/// Active health checking of every server of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What a check does.
+    pub kind: HealthKind,
+    /// Time between checks of one server.
+    pub interval: Duration,
+    /// Bound on one check.
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down server up.
+    pub rise: u32,
+    /// Consecutive failures that take an up server down.
+    pub fall: u32,
+}
+
+/// The kind of health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// An HTTP/1.1 GET of `path` answers with a status `expect` accepts.
+    Http {
+        /// Request path, starting with '/'.
+        path: String,
+        /// Accepted statuses.
+        expect: StatusMatch,
+        /// Host header; the server's own host:port when `None`.
+        host: Option<String>,
+    },
+}
+
+/// Accepted HTTP statuses: inclusive ranges, e.g. "2xx" = 200..=299.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusMatch {
+    /// The ranges.
+    pub ranges: Vec<(u16, u16)>,
+    /// As written, for messages.
+    pub text: String,
+}
+
+impl StatusMatch {
+    /// Whether `status` is accepted.
+    pub fn accepts(&self, status: u16) -> bool {
+        self.ranges
+            .iter()
+            .any(|&(lo, hi)| (lo..=hi).contains(&status))
+    }
+}
+
+/// Passive ejection: a server that fails `failures` connects in a row is left
+/// out for `backoff`, doubling while it keeps failing, up to `max_backoff`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ejection {
+    /// Consecutive connect failures before ejection; 0 = off.
+    pub failures: u32,
+    /// First ejection period.
+    pub backoff: Duration,
+    /// Longest ejection period.
+    pub max_backoff: Duration,
+}
+
+/// Built-in passive ejection: 3 failures, 10 s doubling up to 5 min.
+pub const DEFAULT_EJECTION: Ejection = Ejection {
+    failures: 3,
+    backoff: Duration::from_secs(10),
+    max_backoff: Duration::from_secs(300),
+};
 
 /// What to do to the surviving side when the other one fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -200,16 +310,37 @@ impl Config {
         for route in &self.routes {
             let _ = writeln!(out, "\nroute \"{}\"", route.name);
             let _ = writeln!(out, "  listen             = {}", route.listen);
-            let servers: Vec<String> = route
-                .upstream
+            let u = &route.upstream;
+            let servers: Vec<String> = u
                 .servers
                 .iter()
-                .map(|s| s.to_string())
+                .map(|s| {
+                    if s.weight == 1 {
+                        s.addr.to_string()
+                    } else {
+                        format!("{} (weight {})", s.addr, s.weight)
+                    }
+                })
                 .collect();
+            let _ = writeln!(out, "  servers            = {}", servers.join(", "));
+            let _ = writeln!(out, "  balance            = {}", u.balance.as_str());
             let _ = writeln!(
                 out,
-                "  servers            = {} (round-robin)",
-                servers.join(", ")
+                "  retries            = {}",
+                match u.retries {
+                    Some(n) => n.to_string(),
+                    None => format!("{} (every server once)", u.servers.len() - 1),
+                }
+            );
+            let _ = writeln!(
+                out,
+                "  health_check       = {}",
+                describe_health(u.health_check.as_ref())
+            );
+            let _ = writeln!(
+                out,
+                "  passive_ejection   = {}",
+                describe_ejection(&u.ejection)
             );
             let _ = writeln!(
                 out,
@@ -241,6 +372,38 @@ impl Config {
         }
         out
     }
+}
+
+fn describe_health(h: Option<&HealthCheck>) -> String {
+    let Some(h) = h else {
+        return "off (servers are only ejected passively)".to_string();
+    };
+    let kind = match &h.kind {
+        HealthKind::Tcp => "tcp connect".to_string(),
+        HealthKind::Http { path, expect, host } => match host {
+            Some(host) => format!("http GET {path} (Host {host}) expecting {}", expect.text),
+            None => format!("http GET {path} expecting {}", expect.text),
+        },
+    };
+    format!(
+        "{kind} every {} (timeout {}), up after {} passes, down after {} failures",
+        fmt_duration(h.interval),
+        fmt_duration(h.timeout),
+        h.rise,
+        h.fall
+    )
+}
+
+fn describe_ejection(e: &Ejection) -> String {
+    if e.failures == 0 {
+        return "off".to_string();
+    }
+    format!(
+        "after {} connect failures in a row, for {} doubling up to {}",
+        e.failures,
+        fmt_duration(e.backoff),
+        fmt_duration(e.max_backoff)
+    )
 }
 
 fn describe_keepalive(ka: &KeepaliveSpec) -> String {

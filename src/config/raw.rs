@@ -53,15 +53,48 @@ pub struct RawClient {
 pub struct RawUpstreamDefaults {
     pub connect_timeout: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
+    pub balance: Option<SStr>,
+    pub retries: Option<Spanned<i64>>,
+    pub health_check: Option<RawHealthCheck>,
+    pub passive_ejection: Option<RawEjection>,
 }
 
 /// `[route.upstream]`.
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub servers: Option<Spanned<Vec<SStr>>>,
+    /// Each entry is `"host:port"` or `{ address = "host:port", weight = N }`;
+    /// kept as values so both forms keep their line numbers.
+    pub servers: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     pub connect_timeout: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
+    pub balance: Option<SStr>,
+    pub retries: Option<Spanned<i64>>,
+    pub health_check: Option<RawHealthCheck>,
+    pub passive_ejection: Option<RawEjection>,
+}
+
+/// `health_check = { http = "/health", expect = "2xx", interval = "5s", ... }` or `{ tcp = true, ... }`.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub tcp: Option<Spanned<bool>>,
+    pub http: Option<SStr>,
+    pub expect: Option<SStr>,
+    pub host: Option<SStr>,
+    pub interval: Option<SStr>,
+    pub timeout: Option<SStr>,
+    pub rise: Option<Spanned<i64>>,
+    pub fall: Option<Spanned<i64>>,
+}
+
+/// `passive_ejection = { failures = 3, backoff = "10s", max_backoff = "5m" }`.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawEjection {
+    pub failures: Option<Spanned<i64>>,
+    pub backoff: Option<SStr>,
+    pub max_backoff: Option<SStr>,
 }
 
 /// A keepalive table; probes is signed so that `-1` gets our message, not serde's.

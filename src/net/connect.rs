@@ -1,16 +1,16 @@
 //! Upstream connects: resolve on every attempt, options before connect(), a
-//! timeout per server, and the next server on failure.
+//! timeout per server, and the next server from the pool's plan on failure.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
-use crate::config::{ServerAddr, UpstreamSpec};
+use crate::config::{fmt_duration, KeepaliveSpec, ServerAddr, UpstreamSpec};
 use crate::net::sockopt;
+use crate::pool::Pool;
 
-/// Every server failed; one entry per server tried, in order.
+/// Every attempt failed; one entry per attempt, in order.
 #[derive(Debug, thiserror::Error)]
 #[error("no upstream server accepted the connection: {}", .attempts.join("; "))]
 pub struct ConnectError {
@@ -23,60 +23,51 @@ pub struct ConnectError {
 pub struct Connected {
     /// The connected socket, upstream options already in force.
     pub stream: TcpStream,
-    /// The server as configured.
-    pub server: ServerAddr,
+    /// Index of the server in the route's list.
+    pub server: usize,
     /// The address it resolved to.
     pub addr: SocketAddr,
 }
 
-/// Picks servers round-robin from `next`, trying each server once.
-pub async fn connect(spec: &UpstreamSpec, next: &AtomicUsize) -> Result<Connected, ConnectError> {
-    let n = spec.servers.len();
-    let start = next.fetch_add(1, Ordering::Relaxed);
+/// Tries the servers the pool plans, each within `connect_timeout`, and tells the
+/// pool how each attempt went (passive ejection). A failure a retry recovers
+/// from is invisible to the client.
+pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, ConnectError> {
     let mut attempts = Vec::new();
-    for i in 0..n {
-        let server = &spec.servers[(start + i) % n];
-        match timeout(spec.connect_timeout, connect_one(server, spec)).await {
+    for index in pool.plan() {
+        let server = &pool.servers[index].spec.addr;
+        let error = match timeout(spec.connect_timeout, connect_one(server, &spec.keepalive)).await
+        {
             Ok(Ok((stream, addr))) => {
+                pool.connect_succeeded(index);
                 return Ok(Connected {
                     stream,
-                    server: server.clone(),
+                    server: index,
                     addr,
-                })
+                });
             }
-            Ok(Err(e)) => {
-                tracing::warn!(server = %server, error = %e, "upstream connect failed");
-                attempts.push(format!("{server}: {e}"));
-            }
-            Err(_) => {
-                let e = format!(
-                    "timed out after {}",
-                    crate::config::fmt_duration(spec.connect_timeout)
-                );
-                tracing::warn!(server = %server, error = %e, "upstream connect failed");
-                attempts.push(format!("{server}: {e}"));
-            }
-        }
+            Ok(Err(e)) => e,
+            Err(_) => format!("timed out after {}", fmt_duration(spec.connect_timeout)),
+        };
+        tracing::warn!(server = %server, error = %error, "upstream connect failed");
+        pool.connect_failed(index, &error);
+        attempts.push(format!("{server}: {error}"));
     }
     Err(ConnectError { attempts })
 }
 
 /// Resolves the name now (a restarted container may have a new address) and
-/// tries each address it resolves to.
-async fn connect_one(
+/// tries each address it resolves to, with `keepalive` set before connect().
+pub async fn connect_one(
     server: &ServerAddr,
-    spec: &UpstreamSpec,
+    keepalive: &KeepaliveSpec,
 ) -> Result<(TcpStream, SocketAddr), String> {
-    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((server.host.as_str(), server.port))
+    let addrs = tokio::net::lookup_host((server.host.as_str(), server.port))
         .await
-        .map_err(|e| format!("cannot resolve {}: {e}", server.host))?
-        .collect();
-    if addrs.is_empty() {
-        return Err(format!("{} resolved to no address", server.host));
-    }
-    let mut last = String::new();
+        .map_err(|e| format!("cannot resolve {}: {e}", server.host))?;
+    let mut last = format!("{} resolved to no address", server.host);
     for addr in addrs {
-        let socket = sockopt::upstream_socket(addr, &spec.keepalive)
+        let socket = sockopt::upstream_socket(addr, keepalive)
             .map_err(|e| format!("cannot set up socket options: {e}"))?;
         match socket.connect(addr).await {
             Ok(stream) => return Ok((stream, addr)),

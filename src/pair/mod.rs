@@ -5,7 +5,7 @@ pub mod relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +15,7 @@ use tracing::{field, Instrument};
 
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
+use crate::pool::Pool;
 use close::{CloseReason, Side, SideError};
 use relay::{RelayEnd, RelayLimits, RelayStats};
 
@@ -23,8 +24,8 @@ use relay::{RelayEnd, RelayLimits, RelayStats};
 pub struct RouteState {
     /// The validated route.
     pub route: Route,
-    /// Round-robin cursor over the servers.
-    pub next_server: AtomicUsize,
+    /// Its servers' live state.
+    pub pool: Pool,
     /// Pair ids, unique within the process.
     pub ids: Arc<AtomicU64>,
 }
@@ -74,17 +75,17 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
     // Boxed: the connect state (resolver, timeout, socket) is large and only
     // lives until the pair is established, so it must not size the pair's task.
     let connected = tokio::select! {
-        c = Box::pin(connect::connect(&r.upstream, &route.next_server)) => c,
+        c = Box::pin(connect::connect(&r.upstream, &route.pool)) => c,
         _ = cancel.cancelled() => {
             let end = RelayEnd::plain(CloseReason::Shutdown);
             finish(r.on_peer_failure, &client, None, &end, &stats, started, None);
             return;
         }
     };
-    let upstream = match connected {
+    let (upstream, _active) = match connected {
         Ok(c) => {
             tracing::Span::current().record("upstream.addr", field::display(c.addr));
-            c.stream
+            (c.stream, route.pool.acquire(c.server))
         }
         Err(e) => {
             let end = RelayEnd::plain(CloseReason::ConnectFailed);
