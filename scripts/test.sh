@@ -2,7 +2,7 @@
 # Sets up what the tests need and runs them all: formatting, lints, unit and
 # integration tests (including the half-dead tests in private network namespaces).
 #
-# As root it installs nftables, iproute2 and util-linux (unshare) with apt-get;
+# As root it installs nftables, iproute2, util-linux (unshare) and tomcat10 with apt-get;
 # without root those tests print why they are skipped, and under CI=true a
 # skipped namespace test is a failure.
 set -euo pipefail
@@ -13,13 +13,15 @@ command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v ss >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
+# The end-to-end pool test runs two real Tomcat instances.
+[ -x /usr/share/tomcat10/bin/catalina.sh ] || need_pkgs+=(tomcat10)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${need_pkgs[*]}"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
     else
-        echo "note: missing ${need_pkgs[*]}; the network-namespace tests will be skipped (or fail under CI=true)"
+        echo "note: missing ${need_pkgs[*]}; the tests that need them will be skipped (or fail under CI=true)"
     fi
 fi
 

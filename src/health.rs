@@ -71,14 +71,20 @@ async fn probe(
                 .header(CONNECTION, "close")
                 .body(Empty::new())
                 .map_err(|e| format!("cannot build the request for {path}: {e}"))?;
+            // The connection future does the I/O; it may finish (Connection: close)
+            // in the same poll that delivers the response, so the response is
+            // looked at first and is still collected after the connection ends.
             let mut conn = std::pin::pin!(conn);
+            let mut send = std::pin::pin!(sender.send_request(request));
             let response = tokio::select! {
-                r = sender.send_request(request) => r.map_err(|e| format!("GET {path} on {addr}: {e}"))?,
-                r = &mut conn => return Err(match r {
-                    Ok(()) => format!("{addr} closed the connection before answering GET {path}"),
-                    Err(e) => format!("GET {path} on {addr}: {e}"),
-                }),
-            };
+                biased;
+                r = &mut send => r,
+                r = &mut conn => match r {
+                    Ok(()) => send.await,
+                    Err(e) => return Err(format!("GET {path} on {addr}: {e}")),
+                },
+            }
+            .map_err(|e| format!("GET {path} on {addr}: {e}"))?;
             let status = response.status().as_u16();
             if expect.accepts(status) {
                 Ok(format!("GET {path} answered {status}"))

@@ -131,12 +131,63 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "route.upstream.keepalive.probes",
         "invalid type",
     ),
+    (
+        "bad balance mode",
+        "[defaults.upstream]\nbalance = \"roundrobin\"\n",
+        2,
+        "defaults.upstream.balance",
+        "\"roundrobin\" is not a balance mode",
+    ),
+    (
+        "weight out of range",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\",\n  { address = \"b:2\", weight = 0 }]\n",
+        6,
+        "route \"web\".upstream.servers.weight",
+        "weight 0 is out of range",
+    ),
+    (
+        "unknown key in a server table",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [{ address = \"b:2\", wieght = 2 }]\n",
+        5,
+        "route \"web\".upstream.servers",
+        "unknown key `wieght` in a server entry",
+    ),
+    (
+        "health check both tcp and http",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nhealth_check = { tcp = true, http = \"/health\" }\n",
+        6,
+        "route \"web\".upstream.health_check.tcp",
+        "either tcp or http, not both",
+    ),
+    (
+        "health check path",
+        "[defaults.upstream.health_check]\nhttp = \"health\"\n",
+        2,
+        "defaults.upstream.health_check.http",
+        "is not a request path",
+    ),
+    (
+        "health check expect",
+        "[defaults.upstream.health_check]\nhttp = \"/health\"\nexpect = \"7xx\"\n",
+        3,
+        "defaults.upstream.health_check.expect",
+        "\"7xx\" is not a status class",
+    ),
+    ("rise zero", "[defaults.upstream.health_check]\ntcp = true\nrise = 0\n", 3, "defaults.upstream.health_check.rise", "0 is out of range"),
+    (
+        "ejection max below backoff",
+        "[defaults.upstream.passive_ejection]\nbackoff = \"1m\"\nmax_backoff = \"10s\"\n",
+        3,
+        "defaults.upstream.passive_ejection.max_backoff",
+        "max_backoff 10s is shorter than backoff 1m",
+    ),
+    ("retries too many", "[defaults.upstream]\nretries = 500\n", 2, "defaults.upstream.retries", "500 is out of range"),
     ("toml syntax", "[[route]\nname = 1\n", 1, "(top level)", "unclosed array table"),
 ];
 
 #[test]
 fn every_invalid_config_is_refused_with_file_line_field_and_help() {
-    assert!(BAD.len() >= 20, "the table of bad configs is not empty");
+    assert!(BAD.len() >= 29, "the table of bad configs is not empty");
     for (what, text, line, field, problem) in BAD {
         let (code, stdout, stderr, path) = check_text(text);
         assert_eq!(code, 64, "{what}: exit code; stderr:\n{stderr}");
@@ -271,4 +322,31 @@ fn usage_errors_exit_64() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("0 probes is out of range"));
+}
+
+#[test]
+fn check_prints_the_pool_of_each_route() {
+    let text = "[defaults.upstream]\nhealth_check = { http = \"/health\", interval = \"2s\" }\npassive_ejection = { failures = 5 }\n[[route]]\nname = \"tomcat\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"tomcat-1:8080\", { address = \"tomcat-2:8080\", weight = 3 }]\nbalance = \"least-connections\"\nretries = 1\nhealth_check = { expect = \"200-399\", fall = 4 }\n";
+    let (code, stdout, stderr, _) = check_text(text);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("servers            = tomcat-1:8080, tomcat-2:8080 (weight 3)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("balance            = least-connections"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("retries            = 1"), "{stdout}");
+    // Field by field: path and interval from [defaults], expect and fall from the route.
+    assert!(
+        stdout.contains("health_check       = http GET /health expecting 200-399 every 2s (timeout 1s), up after 2 passes, down after 4 failures"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "passive_ejection   = after 5 connect failures in a row, for 10s doubling up to 5m"
+        ),
+        "{stdout}"
+    );
 }

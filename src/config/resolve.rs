@@ -804,6 +804,13 @@ fn pool_layer(
         }
         None => EjectionLayer::default(),
     };
+    if let (Some(b), Some(m), Some(at)) =
+        (ejection.backoff, ejection.max_backoff, ejection.line_span)
+    {
+        if m < b {
+            return ejection_order_error(ctx, at, prefix, b, m);
+        }
+    }
     Ok(PoolLayer {
         balance,
         retries,
@@ -932,6 +939,25 @@ fn parse_status_match(text: &str) -> Result<StatusMatch, String> {
     })
 }
 
+fn ejection_order_error<T>(
+    ctx: &Ctx<'_>,
+    at: usize,
+    prefix: &str,
+    backoff: Duration,
+    max: Duration,
+) -> Result<T, ConfigError> {
+    ctx.err(
+        at..at,
+        &format!("{prefix}.passive_ejection.max_backoff"),
+        format!(
+            "max_backoff {} is shorter than backoff {}",
+            super::fmt_duration(max),
+            super::fmt_duration(backoff)
+        ),
+        "max_backoff must be at least backoff",
+    )
+}
+
 /// Resolved pool settings of one route.
 struct PoolSpec {
     balance: Balance,
@@ -985,16 +1011,7 @@ fn finish_pool(
     };
     if ejection.max_backoff < ejection.backoff {
         let at = re.line_span.or(de.line_span).unwrap_or(0);
-        return ctx.err(
-            at..at,
-            &format!("{prefix}.passive_ejection.max_backoff"),
-            format!(
-                "max_backoff {} is shorter than backoff {}",
-                super::fmt_duration(ejection.max_backoff),
-                super::fmt_duration(ejection.backoff)
-            ),
-            "max_backoff must be at least backoff",
-        );
+        return ejection_order_error(ctx, at, prefix, ejection.backoff, ejection.max_backoff);
     }
     Ok(PoolSpec {
         balance: route
