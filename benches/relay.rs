@@ -33,7 +33,14 @@ struct Proxy {
 impl Proxy {
     fn start(upstream: SocketAddr) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kaproxy"))
-            .args(["--log-format", "json", "forward", "127.0.0.1:0"])
+            .args([
+                "--log-format",
+                "json",
+                "forward",
+                "--admin",
+                "off",
+                "127.0.0.1:0",
+            ])
             .arg(upstream.to_string())
             .env("KAPROXY_LOG", "warn,kaproxy::app=info")
             .stdout(Stdio::piped())

@@ -9,9 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, metrics::Metrics, AdminState};
 use crate::config::{fmt_duration, Config};
 use crate::health;
 use crate::net::{listen, sockopt};
+use crate::pair::registry::Registry;
 use crate::pair::RouteState;
 use crate::pool::Pool;
 
@@ -29,9 +31,9 @@ pub struct BoundRoute {
 
 /// A route that could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("route \"{route}\": cannot listen on {addr}: {source}")]
+#[error("{route}: cannot listen on {addr}: {source}")]
 pub struct StartError {
-    /// Route name.
+    /// What was to listen: `route "name"` or `admin endpoint`.
     pub route: String,
     /// Address asked for.
     pub addr: SocketAddr,
@@ -58,17 +60,17 @@ impl App {
         for route in &config.routes {
             let std_listener =
                 sockopt::bind_listener(route.listen).map_err(|source| StartError {
-                    route: route.name.clone(),
+                    route: format!("route \"{}\"", route.name),
                     addr: route.listen,
                     source,
                 })?;
             let listener = TcpListener::from_std(std_listener).map_err(|source| StartError {
-                route: route.name.clone(),
+                route: format!("route \"{}\"", route.name),
                 addr: route.listen,
                 source,
             })?;
             let addr = listener.local_addr().map_err(|source| StartError {
-                route: route.name.clone(),
+                route: format!("route \"{}\"", route.name),
                 addr: route.listen,
                 source,
             })?;
@@ -83,6 +85,23 @@ impl App {
             services: TaskTracker::new(),
             pairs: TaskTracker::new(),
         };
+        let admin_listener = match config.admin {
+            Some(addr) => {
+                let fail = |source| StartError {
+                    route: "admin endpoint".to_string(),
+                    addr,
+                    source,
+                };
+                let listener = TcpListener::from_std(sockopt::bind_listener(addr).map_err(fail)?)
+                    .map_err(fail)?;
+                let bound = listener.local_addr().map_err(fail)?;
+                Some((listener, bound))
+            }
+            None => None,
+        };
+        let metrics = Arc::new(Metrics::new());
+        let registry = Arc::new(Registry::default());
+        let mut admin_routes = Vec::new();
         let ids = Arc::new(AtomicU64::new(1));
         let mut bound = Vec::new();
         for (route, (listener, addr)) in config.routes.into_iter().zip(listeners) {
@@ -98,11 +117,16 @@ impl App {
                 addr,
             });
             let health_check = route.upstream.health_check.clone();
+            metrics.register_route(&route.name);
             let state = Arc::new(RouteState {
-                pool: Pool::new(&route.name, &route.upstream),
+                pool: Pool::new(&route.name, &route.upstream, metrics.clone()),
+                name: Arc::from(route.name.as_str()),
                 route,
                 ids: ids.clone(),
+                registry: registry.clone(),
+                metrics: metrics.clone(),
             });
+            admin_routes.push((state.clone(), addr));
             if let Some(check) = health_check {
                 for index in 0..state.pool.servers.len() {
                     app.services.spawn(health::run(
@@ -120,6 +144,16 @@ impl App {
                 app.pairs.clone(),
                 app.kill_pairs.clone(),
             ));
+        }
+        if let Some((listener, addr)) = admin_listener {
+            tracing::info!(address = %addr, "admin listening");
+            let state = Arc::new(AdminState {
+                routes: admin_routes,
+                registry,
+                metrics,
+            });
+            app.services
+                .spawn(admin::serve(listener, state, app.stop_accepting.clone()));
         }
         Ok(App { bound, ..app })
     }

@@ -7,7 +7,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{
     self, Balance, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, Server, UpstreamSpec,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_ADMIN_LISTEN, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION, DEFAULT_HALF_CLOSE_TIMEOUT,
+    DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::telemetry::LogFormat;
 
@@ -43,6 +44,12 @@ pub enum Command {
     },
     /// Forward one listen address to one or more servers, without a file.
     Forward(Box<ForwardArgs>),
+    /// Show routes, pairs, servers and close reasons from a running kaproxy's admin endpoint.
+    Status {
+        /// The admin endpoint.
+        #[arg(long, value_parser = parse_listen_arg, default_value = DEFAULT_ADMIN_LISTEN)]
+        admin: std::net::SocketAddr,
+    },
 }
 
 /// `kaproxy forward` arguments.
@@ -78,6 +85,9 @@ pub struct ForwardArgs {
     /// Time live pairs get to finish after SIGTERM/SIGINT.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Admin endpoint address, or "off".
+    #[arg(long, value_parser = parse_admin, default_value = DEFAULT_ADMIN_LISTEN)]
+    pub admin: AdminListen,
 }
 
 impl ForwardArgs {
@@ -87,6 +97,7 @@ impl ForwardArgs {
         Config {
             source: "<command line>".to_string(),
             shutdown_grace: self.shutdown_grace,
+            admin: self.admin.0,
             routes: vec![Route {
                 name: "forward".to_string(),
                 listen: self.listen,
@@ -139,6 +150,18 @@ fn parse_positive_duration(s: &str) -> Result<Duration, String> {
             "{s:?} is not a duration ({e}); write e.g. \"3s\" or \"500ms\""
         )),
     }
+}
+
+/// `--admin` value: an address, or `None` for "off". (A newtype because clap
+/// reads a bare `Option` as "the flag may be absent".)
+#[derive(Debug, Clone, Copy)]
+pub struct AdminListen(pub Option<std::net::SocketAddr>);
+
+fn parse_admin(s: &str) -> Result<AdminListen, String> {
+    if s == "off" || s.is_empty() {
+        return Ok(AdminListen(None));
+    }
+    parse_listen_arg(s).map(|a| AdminListen(Some(a)))
 }
 
 fn parse_balance(s: &str) -> Result<Balance, String> {

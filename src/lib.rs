@@ -7,11 +7,13 @@
 //! - [`net`]: socket options (the only socket2 user), listeners, upstream connects.
 //! - [`pair`]: one task per connection pair: relay with half-close, close reasons.
 //! - [`pool`], [`balance`], [`health`]: a route's servers, how they are chosen, active checks.
+//! - [`admin`]: the hyper admin endpoint, Prometheus metrics, `kaproxy status`.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
 //! - [`cli`] and [`telemetry`]: command line and log output, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod balance;
 pub mod cli;

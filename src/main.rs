@@ -48,6 +48,18 @@ fn main() -> ExitCode {
             }
         },
         Command::Forward(args) => (*args).into_config(),
+        Command::Status { admin } => {
+            return match kaproxy::admin::status::render(admin) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            };
+        }
     };
 
     if let Err(e) = telemetry::init(cli.log_format) {

@@ -5,6 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use crate::admin::metrics::Metrics;
 use crate::balance::{self, BalanceState, Candidate};
 use crate::config::{fmt_duration, Balance, Ejection, Server, UpstreamSpec};
 
@@ -23,6 +26,8 @@ pub struct ServerState {
 
 #[derive(Debug, Default)]
 struct Health {
+    /// The last health check's outcome, as logged.
+    last_check: Option<(bool, String)>,
     /// Result of active checks: `None` before the first check (or without checks).
     checked_up: Option<bool>,
     passes: u32,
@@ -32,13 +37,34 @@ struct Health {
     ejections: u32,
 }
 
-/// What `/upstreams`-style reporting and tests can read about a server.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What `/upstreams` shows about a server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ServerView {
+    /// As configured.
+    pub address: String,
+    /// Configured weight.
+    pub weight: u32,
     /// "up", "down" (failed health checks) or "ejected" (connect failures).
     pub state: &'static str,
     /// Pairs open to it.
-    pub active: usize,
+    pub active_pairs: usize,
+    /// Connect failures in a row.
+    pub connect_failures: u32,
+    /// Milliseconds of ejection left, when ejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for_ms: Option<u64>,
+    /// Last health check: passed or not, and what happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_check: Option<CheckView>,
+}
+
+/// Outcome of the last health check.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CheckView {
+    /// Whether it passed.
+    pub ok: bool,
+    /// What happened.
+    pub detail: String,
 }
 
 /// The servers of one route.
@@ -52,6 +78,7 @@ pub struct Pool {
     ejection: Ejection,
     state: Mutex<BalanceState>,
     last_fail_open_log: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Keeps a server's active-pair count up while a pair to it lives.
@@ -74,7 +101,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Pool {
     /// A pool where every server starts eligible.
-    pub fn new(route: &str, spec: &UpstreamSpec) -> Pool {
+    pub fn new(route: &str, spec: &UpstreamSpec, metrics: Arc<Metrics>) -> Pool {
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -96,6 +123,7 @@ impl Pool {
             ejection: spec.ejection,
             state: Mutex::new(BalanceState::new(spec.servers.len(), seed)),
             last_fail_open_log: Mutex::new(None),
+            metrics,
         }
     }
 
@@ -172,6 +200,8 @@ impl Pool {
     /// A connect to server `i` failed: after `ejection.failures` in a row it is
     /// ejected, for longer each time it fails again.
     pub fn connect_failed(&self, i: usize, error: &str) {
+        self.metrics
+            .connect_failed(&self.route, &self.servers[i].spec.addr.to_string());
         if self.ejection.failures == 0 {
             return;
         }
@@ -201,6 +231,7 @@ impl Pool {
     /// the state directly; later ones need `rise` passes or `fall` failures in a row.
     pub fn health_result(&self, i: usize, ok: bool, detail: &str, rise: u32, fall: u32) {
         let mut h = lock(&self.servers[i].health);
+        h.last_check = Some((ok, detail.to_string()));
         let mut change = None;
         if ok {
             h.passes += 1;
@@ -251,6 +282,16 @@ impl Pool {
         tracing::info!(route = %self.route, server = %self.servers[i].spec.addr, state, reason, "server state changed");
     }
 
+    /// Route name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// Whether any server may get new connections now.
+    pub fn any_up(&self) -> bool {
+        (0..self.servers.len()).any(|i| self.view(i).state == "up")
+    }
+
     /// A snapshot of server `i`.
     pub fn view(&self, i: usize) -> ServerView {
         let now = Instant::now();
@@ -263,8 +304,19 @@ impl Pool {
             "up"
         };
         ServerView {
+            address: self.servers[i].spec.addr.to_string(),
+            weight: self.servers[i].spec.weight,
             state,
-            active: self.servers[i].active.load(Ordering::Relaxed),
+            active_pairs: self.servers[i].active.load(Ordering::Relaxed),
+            connect_failures: h.connect_failures,
+            ejected_for_ms: h
+                .ejected_until
+                .filter(|t| now < *t)
+                .map(|t| (t - now).as_millis() as u64),
+            last_check: h.last_check.as_ref().map(|(ok, detail)| CheckView {
+                ok: *ok,
+                detail: detail.clone(),
+            }),
         }
     }
 }
@@ -292,7 +344,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             keepalive: KeepaliveSpec::default(),
         };
-        Pool::new("t", &spec)
+        Pool::new("t", &spec, Arc::new(Metrics::new()))
     }
 
     const EJECT: Ejection = Ejection {
@@ -385,10 +437,10 @@ mod tests {
     fn active_guard_counts_pairs() {
         let p = pool(2, Balance::LeastConnections, EJECT);
         let g = p.acquire(0);
-        assert_eq!(p.view(0).active, 1);
+        assert_eq!(p.view(0).active_pairs, 1);
         assert_eq!(p.plan()[0], 1, "least connections avoids the busy server");
         drop(g);
-        assert_eq!(p.view(0).active, 0);
+        assert_eq!(p.view(0).active_pairs, 0);
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub const DEFAULT_KEEPALIVE_PROBES: u32 = 3;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Built-in bound on how long a pair may stay half-closed.
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Built-in admin endpoint address: loopback only, since it shows every connection.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 /// Built-in time live pairs get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -36,6 +38,8 @@ pub struct Config {
     pub source: String,
     /// Time live pairs get to finish after the first SIGTERM/SIGINT.
     pub shutdown_grace: Duration,
+    /// Where the admin endpoint listens; `None` = off.
+    pub admin: Option<SocketAddr>,
     /// At least one route, names and listen addresses unique.
     pub routes: Vec<Route>,
 }

@@ -12,8 +12,17 @@ pub type SStr = Spanned<String>;
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
     pub shutdown_grace: Option<SStr>,
+    pub admin: Option<RawAdmin>,
     pub defaults: Option<RawDefaults>,
     pub route: Option<Spanned<Vec<Spanned<RawRoute>>>>,
+}
+
+/// `[admin]`.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: Option<SStr>,
+    pub enabled: Option<Spanned<bool>>,
 }
 
 /// `[defaults]`: everything a route can set except its name, listen address and servers.

@@ -156,6 +156,24 @@ pub(super) fn resolve(file: &str, text: &str) -> Result<Config, ConfigError> {
         None => DEFAULT_SHUTDOWN_GRACE,
     };
 
+    let admin = match &raw.admin {
+        Some(a) if a.enabled.as_ref().is_some_and(|e| !*e.get_ref()) => None,
+        Some(a) => match &a.listen {
+            Some(l) if l.get_ref().trim().is_empty() => None,
+            Some(l) => match parse_listen(l.get_ref()) {
+                Ok(addr) => Some(addr),
+                Err(problem) => return ctx.err(
+                    l.span(),
+                    "admin.listen",
+                    problem,
+                    "use IP:PORT, e.g. \"127.0.0.1:9901\", or \"\" to turn the admin endpoint off",
+                ),
+            },
+            None => Some(default_admin()),
+        },
+        None => Some(default_admin()),
+    };
+
     let defaults = match &raw.defaults {
         Some(d) => RouteLayer {
             idle_timeout: d
@@ -409,11 +427,38 @@ pub(super) fn resolve(file: &str, text: &str) -> Result<Config, ConfigError> {
         });
     }
 
+    if let Some(a) = admin {
+        if a.port() != 0 {
+            if let Some((_, other, line)) = listens.iter().find(|(l, _, _)| listen_conflict(*l, a))
+            {
+                let span = raw
+                    .admin
+                    .as_ref()
+                    .and_then(|x| x.listen.as_ref())
+                    .map(|l| l.span())
+                    .unwrap_or(0..0);
+                return ctx.err(
+                    span,
+                    "admin.listen",
+                    format!("{a} overlaps the listen address of route \"{other}\" (line {line})"),
+                    "give the admin endpoint its own port",
+                );
+            }
+        }
+    }
+
     Ok(Config {
         source: file.to_string(),
         shutdown_grace,
+        admin,
         routes,
     })
+}
+
+fn default_admin() -> SocketAddr {
+    super::DEFAULT_ADMIN_LISTEN
+        .parse()
+        .expect("the built-in admin address parses")
 }
 
 /// Two binds that cannot both succeed: the same port with equal IPs, or with an

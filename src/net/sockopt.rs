@@ -127,3 +127,138 @@ pub fn upstream_socket(
     let std_stream: std::net::TcpStream = socket.into();
     Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
 }
+
+/// What TCP_INFO and the keepalive options say about one socket right now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SocketSnapshot {
+    /// Kernel TCP state, e.g. "established", "close_wait".
+    pub state: &'static str,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
+    /// Round-trip time variance, microseconds.
+    pub rttvar_us: u32,
+    /// Segments sent and not yet acknowledged.
+    pub unacked: u32,
+    /// Retransmissions of the current segment (timeouts in a row).
+    pub retransmits: u8,
+    /// Retransmitted segments over the connection's life.
+    pub total_retrans: u32,
+    /// Keepalive (or zero-window) probes sent and unanswered so far.
+    pub keepalive_probes_sent: u8,
+    /// Milliseconds since data was last received.
+    pub last_data_recv_ms: u32,
+    /// Milliseconds since an ACK was last received.
+    pub last_ack_recv_ms: u32,
+    /// Keepalive settings in force, read back from the socket.
+    pub keepalive: KeepaliveInForce,
+}
+
+/// Keepalive settings as the kernel holds them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeepaliveInForce {
+    /// SO_KEEPALIVE.
+    pub enabled: bool,
+    /// TCP_KEEPIDLE in seconds.
+    pub idle_s: u64,
+    /// TCP_KEEPINTVL in seconds.
+    pub interval_s: u64,
+    /// TCP_KEEPCNT.
+    pub probes: u32,
+    /// TCP_USER_TIMEOUT in milliseconds, 0 = off.
+    pub user_timeout_ms: u64,
+}
+
+/// Reads TCP_INFO and the keepalive options of a socket a live pair owns.
+///
+/// `fd` must be open for the duration of the call; the pair registry guarantees
+/// it by holding its lock, which pairs take to unregister before they close.
+pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
+    let info = raw::tcp_info(fd)?;
+    let ka = read_keepalive(&raw::Borrowed(fd))?;
+    Ok(SocketSnapshot {
+        state: tcp_state_name(info.tcpi_state),
+        rtt_us: info.tcpi_rtt,
+        rttvar_us: info.tcpi_rttvar,
+        unacked: info.tcpi_unacked,
+        retransmits: info.tcpi_retransmits,
+        total_retrans: info.tcpi_total_retrans,
+        keepalive_probes_sent: info.tcpi_probes,
+        last_data_recv_ms: info.tcpi_last_data_recv,
+        last_ack_recv_ms: info.tcpi_last_ack_recv,
+        keepalive: KeepaliveInForce {
+            enabled: ka.enabled,
+            idle_s: ka.idle.as_secs(),
+            interval_s: ka.interval.as_secs(),
+            probes: ka.probes,
+            user_timeout_ms: ka.user_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+        },
+    })
+}
+
+/// Peer and local address of a socket a live pair owns (same contract as [`snapshot`]).
+pub fn addresses(fd: std::os::fd::RawFd) -> io::Result<(Option<SocketAddr>, Option<SocketAddr>)> {
+    let fd = raw::Borrowed(fd);
+    let sock = SockRef::from(&fd);
+    Ok((
+        sock.peer_addr()?.as_socket(),
+        sock.local_addr()?.as_socket(),
+    ))
+}
+
+/// Names from include/net/tcp_states.h.
+fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "established",
+        2 => "syn_sent",
+        3 => "syn_recv",
+        4 => "fin_wait1",
+        5 => "fin_wait2",
+        6 => "time_wait",
+        7 => "close",
+        8 => "close_wait",
+        9 => "last_ack",
+        10 => "listen",
+        11 => "closing",
+        _ => "unknown",
+    }
+}
+
+/// The only unsafe code in kaproxy: TCP_INFO has no safe wrapper in socket2,
+/// and the registry refers to live sockets by descriptor number.
+#[allow(unsafe_code)]
+mod raw {
+    use std::io;
+    use std::os::fd::{AsFd, BorrowedFd, RawFd};
+
+    /// A descriptor number the caller keeps open while this value is in use.
+    pub struct Borrowed(pub RawFd);
+
+    impl AsFd for Borrowed {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            // SAFETY: callers construct `Borrowed` only for descriptors the pair
+            // registry holds open (it is locked for the whole use).
+            unsafe { BorrowedFd::borrow_raw(self.0) }
+        }
+    }
+
+    pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
+        // SAFETY: tcp_info is plain old data; zeroes are a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the pointer and length describe `info`, which outlives the call;
+        // the kernel writes at most `len` bytes.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(info)
+    }
+}

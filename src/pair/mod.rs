@@ -1,22 +1,24 @@
 //! The pair task: client options, upstream connect, relay, then one close event.
 
 pub mod close;
+pub mod registry;
 pub mod relay;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
+use crate::admin::metrics::Metrics;
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use close::{CloseReason, Side, SideError};
+use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
 
 /// Shared per-route state the pair tasks read.
@@ -24,10 +26,16 @@ use relay::{RelayEnd, RelayLimits, RelayStats};
 pub struct RouteState {
     /// The validated route.
     pub route: Route,
+    /// The route name, shared with registry entries.
+    pub name: Arc<str>,
     /// Its servers' live state.
     pub pool: Pool,
     /// Pair ids, unique within the process.
     pub ids: Arc<AtomicU64>,
+    /// Live pairs of every route.
+    pub registry: Arc<Registry>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
@@ -46,13 +54,23 @@ pub fn run(
         client.addr = %client_addr,
         upstream.addr = field::Empty,
     );
-    run_inner(route, client, cancel).instrument(span)
+    run_inner(route, client, id, cancel).instrument(span)
 }
 
-async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: CancellationToken) {
-    let started = Instant::now();
-    let stats = RelayStats::new();
+async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: CancellationToken) {
     let r = &route.route;
+    let stats = Arc::new(RelayStats::new());
+    route.metrics.pair_opened(&route.name);
+    // Declared before the registration so that it is dropped after it: a socket
+    // is never closed while the registry still lists it.
+    let mut upstream: Option<TcpStream> = None;
+    let registration = route
+        .registry
+        .register(id, route.name.clone(), &client, stats.clone());
+    let close = Close {
+        route: &route,
+        stats: &stats,
+    };
 
     // Before any byte is relayed, so a client that dies at once is still covered.
     if let Err(error) = sockopt::apply_side(&client, &r.client.keepalive) {
@@ -60,15 +78,7 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
             side: Side::Client,
             error,
         });
-        finish(
-            r.on_peer_failure,
-            &client,
-            None,
-            &end,
-            &stats,
-            started,
-            None,
-        );
+        close.finish(registration, &client, None, &end, None);
         return;
     }
 
@@ -77,27 +87,20 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
     let connected = tokio::select! {
         c = Box::pin(connect::connect(&r.upstream, &route.pool)) => c,
         _ = cancel.cancelled() => {
-            let end = RelayEnd::plain(CloseReason::Shutdown);
-            finish(r.on_peer_failure, &client, None, &end, &stats, started, None);
+            close.finish(registration, &client, None, &RelayEnd::plain(CloseReason::Shutdown), None);
             return;
         }
     };
-    let (upstream, _active) = match connected {
+    let (up, _active) = match connected {
         Ok(c) => {
             tracing::Span::current().record("upstream.addr", field::display(c.addr));
-            (c.stream, route.pool.acquire(c.server))
+            registration.set_upstream(&c.stream);
+            let active = route.pool.acquire(c.server);
+            (&*upstream.insert(c.stream), active)
         }
         Err(e) => {
             let end = RelayEnd::plain(CloseReason::ConnectFailed);
-            finish(
-                r.on_peer_failure,
-                &client,
-                None,
-                &end,
-                &stats,
-                started,
-                Some(e.to_string()),
-            );
+            close.finish(registration, &client, None, &end, Some(e.to_string()));
             return;
         }
     };
@@ -106,56 +109,68 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, cancel: Cancellati
         idle_timeout: r.idle_timeout,
         half_close_timeout: r.half_close_timeout,
     };
-    let end = relay::relay(&client, &upstream, &limits, &stats, &cancel).await;
-    finish(
-        r.on_peer_failure,
-        &client,
-        Some(&upstream),
-        &end,
-        &stats,
-        started,
-        None,
-    );
+    let end = relay::relay(&client, up, &limits, &stats, &cancel).await;
+    close.finish(registration, &client, Some(up), &end, None);
 }
 
-/// Closes both sockets the way the reason calls for and emits the close event.
-/// The sockets themselves are closed when the caller drops them, right after.
-fn finish(
-    on_peer_failure: OnPeerFailure,
-    client: &TcpStream,
-    upstream: Option<&TcpStream>,
-    end: &RelayEnd,
-    stats: &RelayStats,
-    started: Instant,
-    detail: Option<String>,
-) {
-    // A stream cut short must not look like a complete one to the survivor, so
-    // failures, half-close timeouts and shutdown cuts RST by default; an idle
-    // timeout or a completed pair has nothing in flight and closes with FIN.
-    let abrupt = match end.reason {
-        CloseReason::Completed | CloseReason::IdleTimeout => false,
-        _ => on_peer_failure == OnPeerFailure::Reset,
-    };
-    let failed = end.reason.failed_side();
-    for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
-        let Some(sock) = sock else { continue };
-        // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
-        if abrupt || failed == Some(side) {
-            if let Err(e) = sockopt::reset_on_close(sock) {
-                tracing::debug!(side = side.as_str(), error = %e, "could not set SO_LINGER 0");
+/// What closing a pair needs besides the sockets.
+struct Close<'a> {
+    route: &'a RouteState,
+    stats: &'a RelayStats,
+}
+
+impl Close<'_> {
+    /// Unregisters the pair, prepares both sockets for the close the reason calls
+    /// for, records metrics and emits the one close event. The sockets themselves
+    /// are closed when the caller drops them, right after.
+    fn finish(
+        &self,
+        registration: registry::Registration<'_>,
+        client: &TcpStream,
+        upstream: Option<&TcpStream>,
+        end: &RelayEnd,
+        detail: Option<String>,
+    ) {
+        drop(registration);
+        // A stream cut short must not look like a complete one to the survivor, so
+        // failures, half-close timeouts and shutdown cuts RST by default; an idle
+        // timeout or a completed pair has nothing in flight and closes with FIN.
+        let abrupt = match end.reason {
+            CloseReason::Completed | CloseReason::IdleTimeout => false,
+            _ => self.route.route.on_peer_failure == OnPeerFailure::Reset,
+        };
+        let failed = end.reason.failed_side();
+        for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
+            let Some(sock) = sock else { continue };
+            // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
+            if abrupt || failed == Some(side) {
+                if let Err(e) = sockopt::reset_on_close(sock) {
+                    tracing::debug!(side = side.as_str(), error = %e, "could not set SO_LINGER 0");
+                }
             }
         }
+        let stats = self.stats;
+        let c2u = stats.client_to_upstream.load(Ordering::Relaxed);
+        let u2c = stats.upstream_to_client.load(Ordering::Relaxed);
+        let age = stats.age();
+        let detection = registry::dead_side(end.reason)
+            .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
+        self.route.metrics.pair_closed(
+            &self.route.name,
+            end.reason,
+            age.as_secs_f64(),
+            c2u,
+            u2c,
+            detection,
+        );
+        let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
+        tracing::info!(
+            reason = end.reason.as_str(),
+            duration_ms = age.as_millis() as u64,
+            bytes.client_to_upstream = c2u,
+            bytes.upstream_to_client = u2c,
+            error = error.as_deref(),
+            "pair closed"
+        );
     }
-    let c2u = stats.client_to_upstream.load(Ordering::Relaxed);
-    let u2c = stats.upstream_to_client.load(Ordering::Relaxed);
-    let duration_ms = started.elapsed().as_millis() as u64;
-    let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
-    tracing::info!(
-        reason = end.reason.as_str(),
-        duration_ms,
-        bytes.client_to_upstream = c2u,
-        bytes.upstream_to_client = u2c,
-        error = error.as_deref(),
-        "pair closed"
-    );
 }

@@ -43,6 +43,9 @@ pub struct RelayStats {
     started: Instant,
     /// Milliseconds after `started` of the last byte relayed.
     last_activity_ms: AtomicU64,
+    /// Milliseconds after `started` of the last data read from each side.
+    last_from_client_ms: AtomicU64,
+    last_from_upstream_ms: AtomicU64,
 }
 
 impl RelayStats {
@@ -53,16 +56,42 @@ impl RelayStats {
             upstream_to_client: AtomicU64::new(0),
             started: Instant::now(),
             last_activity_ms: AtomicU64::new(0),
+            last_from_client_ms: AtomicU64::new(0),
+            last_from_upstream_ms: AtomicU64::new(0),
         }
     }
 
-    fn touch(&self) {
+    fn touch(&self, from: Side) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_activity_ms.store(ms, Ordering::Relaxed);
+        let side = match from {
+            Side::Client => &self.last_from_client_ms,
+            Side::Upstream => &self.last_from_upstream_ms,
+        };
+        side.store(ms, Ordering::Relaxed);
     }
 
     fn last_activity(&self) -> Instant {
         self.started + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// How long the pair has existed.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Time since the last byte relayed in either direction.
+    pub fn idle(&self) -> Duration {
+        self.last_activity().elapsed()
+    }
+
+    /// Time since data last came from `side` (since the pair began if it never sent any).
+    pub fn since_data_from(&self, side: Side) -> Duration {
+        let ms = match side {
+            Side::Client => &self.last_from_client_ms,
+            Side::Upstream => &self.last_from_upstream_ms,
+        };
+        (self.started + Duration::from_millis(ms.load(Ordering::Relaxed))).elapsed()
     }
 }
 
@@ -278,7 +307,7 @@ impl Direction {
         };
         let wrote = |n: usize| {
             counter.fetch_add(n as u64, Ordering::Relaxed);
-            stats.touch();
+            stats.touch(from_side);
         };
         loop {
             match self.pending.as_mut() {

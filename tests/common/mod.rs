@@ -34,6 +34,7 @@ pub struct Proxy {
     child: Option<Child>,
     log: Arc<Log>,
     routes: Vec<(String, SocketAddr)>,
+    admin: Option<SocketAddr>,
     _dir: tempfile::TempDir,
     pub config_path: PathBuf,
 }
@@ -43,7 +44,13 @@ impl Proxy {
     pub fn start(config: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("kaproxy.toml");
-        std::fs::write(&path, config).expect("write config");
+        // Every test proxy gets its own admin port, so parallel tests never clash on 9901.
+        let config = if config.contains("[admin]") {
+            config.to_string()
+        } else {
+            format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+        };
+        std::fs::write(&path, &config).expect("write config");
         let expected = config.matches("[[route]]").count();
         let mut cmd = Command::new(bin());
         cmd.args(["--log-format", "json", "run", "-c"]).arg(&path);
@@ -55,6 +62,9 @@ impl Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(bin());
         cmd.args(["--log-format", "json", "forward"]).args(args);
+        if !args.contains(&"--admin") {
+            cmd.args(["--admin", "127.0.0.1:0"]);
+        }
         let path = dir.path().join("none");
         Proxy::spawn(cmd, 1, dir, path)
     }
@@ -99,6 +109,7 @@ impl Proxy {
             child: Some(child),
             log,
             routes: Vec::new(),
+            admin: None,
             _dir: dir,
             config_path: path,
         };
@@ -116,7 +127,19 @@ impl Proxy {
                 .expect("address parses");
             proxy.routes.push((name, addr));
         }
+        // The admin endpoint is bound before the routes start, so its line is already there.
+        proxy.admin = proxy
+            .events()
+            .iter()
+            .find(|v| message(v) == "admin listening")
+            .and_then(|v| v["address"].as_str()?.parse().ok());
         proxy
+    }
+
+    /// The admin endpoint's bound address.
+    pub fn admin(&self) -> SocketAddr {
+        self.admin
+            .unwrap_or_else(|| panic!("admin endpoint not listening; log:\n{}", self.raw_log()))
     }
 
     /// Bound address of a route.
@@ -290,4 +313,39 @@ pub fn one_route(name: &str, servers: &[SocketAddr], extra: &str) -> String {
         "shutdown_grace = \"2s\"\n[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n{extra}\n[route.upstream]\nservers = [{}]\nconnect_timeout = \"1s\"\n",
         list.join(", ")
     )
+}
+
+/// A GET to the admin endpoint: status and body.
+pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
+    admin_request(admin, "GET", path)
+}
+
+/// Any request to the admin endpoint, `Connection: close`: status and body.
+pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = connect(admin);
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, body.to_string())
+}
+
+/// A metric's value from Prometheus text, by name and exact label set text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }

@@ -1,0 +1,233 @@
+//! `kaproxy_*` Prometheus metrics, labelled by route (and server, reason, side,
+//! direction where they apply). Encoded by prometheus-client, never by hand.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use crate::pair::close::{CloseReason, Side};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    route: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    route: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ServerLabels {
+    route: String,
+    server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    route: String,
+    side: &'static str,
+}
+
+#[derive(Clone)]
+struct Buckets(fn() -> Histogram);
+
+impl MetricConstructor<Histogram> for Buckets {
+    fn new_metric(&self) -> Histogram {
+        (self.0)()
+    }
+}
+
+/// Pair lifetimes: 10 ms to about 11 hours.
+fn duration_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.01, 4.0, 12))
+}
+
+/// Dead-peer detection: 0.5 s to about 2.3 hours (the sysctl defaults' 2 h 11 min fit).
+fn detection_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.5, 2.0, 15))
+}
+
+/// All metrics of the process.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pairs_active: Family<RouteLabel, Gauge>,
+    pairs_accepted: Family<RouteLabel, Counter>,
+    pairs_closed: Family<ReasonLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    connect_failures: Family<ServerLabels, Counter>,
+    upstream_up: Family<ServerLabels, Gauge>,
+    pair_duration: Family<RouteLabel, Histogram, Buckets>,
+    detection: Family<SideLabels, Histogram, Buckets>,
+}
+
+impl std::fmt::Debug for Buckets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Buckets")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every metric under the `kaproxy` prefix.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("kaproxy");
+        let m = Metrics {
+            pairs_active: Family::default(),
+            pairs_accepted: Family::default(),
+            pairs_closed: Family::default(),
+            bytes: Family::default(),
+            connect_failures: Family::default(),
+            upstream_up: Family::default(),
+            pair_duration: Family::new_with_constructor(Buckets(duration_buckets)),
+            detection: Family::new_with_constructor(Buckets(detection_buckets)),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "pairs_active",
+            "Connection pairs open now",
+            m.pairs_active.clone(),
+        );
+        registry.register(
+            "pairs_accepted",
+            "Client connections accepted",
+            m.pairs_accepted.clone(),
+        );
+        registry.register(
+            "pairs_closed",
+            "Pairs closed, by close reason",
+            m.pairs_closed.clone(),
+        );
+        registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
+        registry.register(
+            "upstream_connect_failures",
+            "Failed connect attempts to an upstream server",
+            m.connect_failures.clone(),
+        );
+        registry.register(
+            "upstream_up",
+            "1 when the server may get new connections (healthy and not ejected), else 0",
+            m.upstream_up.clone(),
+        );
+        registry.register(
+            "pair_duration_seconds",
+            "Lifetime of closed pairs",
+            m.pair_duration.clone(),
+        );
+        registry.register(
+            "dead_peer_detection_seconds",
+            "Time from the last data received from a side to the moment its death was declared",
+            m.detection.clone(),
+        );
+        registry.register(
+            "build",
+            "kaproxy build information",
+            Info::new(vec![(
+                "version".to_string(),
+                env!("CARGO_PKG_VERSION").to_string(),
+            )]),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Prometheus text exposition of everything.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    fn route(route: &str) -> RouteLabel {
+        RouteLabel {
+            route: route.to_string(),
+        }
+    }
+
+    /// Makes a route's series exist (at zero) before its first pair.
+    pub fn register_route(&self, route: &str) {
+        let _ = self.pairs_active.get_or_create(&Self::route(route));
+        let _ = self.pairs_accepted.get_or_create(&Self::route(route));
+    }
+
+    /// A client connection was accepted.
+    pub fn pair_opened(&self, route: &str) {
+        self.pairs_accepted.get_or_create(&Self::route(route)).inc();
+        self.pairs_active.get_or_create(&Self::route(route)).inc();
+    }
+
+    /// A pair ended; `detection` is the time since the dead side last sent data.
+    pub fn pair_closed(
+        &self,
+        route: &str,
+        reason: CloseReason,
+        seconds: f64,
+        c2u: u64,
+        u2c: u64,
+        detection: Option<(Side, f64)>,
+    ) {
+        self.pairs_active.get_or_create(&Self::route(route)).dec();
+        self.pairs_closed
+            .get_or_create(&ReasonLabels {
+                route: route.to_string(),
+                reason: reason.as_str(),
+            })
+            .inc();
+        for (direction, n) in [("client_to_upstream", c2u), ("upstream_to_client", u2c)] {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    route: route.to_string(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+        self.pair_duration
+            .get_or_create(&Self::route(route))
+            .observe(seconds);
+        if let Some((side, secs)) = detection {
+            self.detection
+                .get_or_create(&SideLabels {
+                    route: route.to_string(),
+                    side: side.as_str(),
+                })
+                .observe(secs);
+        }
+    }
+
+    /// A connect attempt to `server` failed.
+    pub fn connect_failed(&self, route: &str, server: &str) {
+        self.connect_failures
+            .get_or_create(&ServerLabels {
+                route: route.to_string(),
+                server: server.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets whether `server` may get new connections.
+    pub fn set_upstream_up(&self, route: &str, server: &str, up: bool) {
+        self.upstream_up
+            .get_or_create(&ServerLabels {
+                route: route.to_string(),
+                server: server.to_string(),
+            })
+            .set(i64::from(up));
+    }
+}

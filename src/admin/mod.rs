@@ -1,0 +1,294 @@
+//! The admin endpoint (hyper 1.x): `/metrics`, `/healthz`, `/readyz`,
+//! `/connections`, `/upstreams`. Read-only: it looks at shared state and never
+//! touches a pair, and it is bounded so that it cannot be used to stall the proxy.
+
+pub mod metrics;
+pub mod status;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::pair::registry::Registry;
+use crate::pair::RouteState;
+use metrics::Metrics;
+
+/// Admin connections served at once; more are closed on accept.
+const MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// No admin connection lives longer than this.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default and largest `/connections?limit=`.
+const DEFAULT_LIMIT: usize = 1000;
+const MAX_LIMIT: usize = 100_000;
+
+/// What the endpoint reads.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Every route with its bound address.
+    pub routes: Vec<(Arc<RouteState>, SocketAddr)>,
+    /// Live pairs.
+    pub registry: Arc<Registry>,
+    /// Process metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+/// Serves admin requests on `listener` until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections = TaskTracker::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::warn!(peer = %peer, limit = MAX_CONNECTIONS, "admin connection refused: too many at once");
+            continue;
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = tokio::time::timeout(CONNECTION_TIMEOUT, conn) => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+type Body = Full<Bytes>;
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut text = serde_json::to_string_pretty(value).unwrap_or_else(|_| "{}".to_string());
+    text.push('\n');
+    respond(status, "application/json", text)
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": message }))
+}
+
+const PATHS: &[&str] = &[
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/connections",
+    "/upstreams",
+];
+
+fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+    let path = req.uri().path();
+    if !PATHS.contains(&path) {
+        return error(
+            StatusCode::NOT_FOUND,
+            &format!("no such endpoint {path:?}; try one of {}", PATHS.join(", ")),
+        );
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &format!("{} is read-only: use GET", path),
+        );
+        r.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let query = match parse_query(req.uri().query()) {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e),
+    };
+    let allowed: &[&str] = if path == "/connections" {
+        &["route", "limit"]
+    } else {
+        &[]
+    };
+    if let Some(k) = query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            &format!("unknown query parameter {k:?} for {path}"),
+        );
+    }
+    match path {
+        "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
+        "/readyz" => readyz(state),
+        "/metrics" => metrics(state),
+        "/connections" => connections(state, &query),
+        _ => upstreams(state),
+    }
+}
+
+fn parse_query(query: Option<&str>) -> Result<HashMap<String, String>, String> {
+    let mut out = HashMap::new();
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| -> Result<String, String> {
+            let bytes = s.as_bytes();
+            let mut buf = Vec::with_capacity(bytes.len());
+            let mut i = 0;
+            while i < bytes.len() {
+                match bytes[i] {
+                    b'%' => {
+                        let hex = s
+                            .get(i + 1..i + 3)
+                            .ok_or_else(|| format!("bad percent escape in {s:?}"))?;
+                        buf.push(
+                            u8::from_str_radix(hex, 16)
+                                .map_err(|_| format!("bad percent escape in {s:?}"))?,
+                        );
+                        i += 3;
+                    }
+                    b'+' => {
+                        buf.push(b' ');
+                        i += 1;
+                    }
+                    b => {
+                        buf.push(b);
+                        i += 1;
+                    }
+                }
+            }
+            String::from_utf8(buf).map_err(|_| format!("{s:?} is not UTF-8"))
+        };
+        if out.insert(decode(k)?, decode(v)?).is_some() {
+            return Err(format!("query parameter {k:?} given twice"));
+        }
+    }
+    Ok(out)
+}
+
+/// Servers that may get connections now, per route; the reasons a route is not ready.
+fn not_ready(state: &AdminState) -> Vec<serde_json::Value> {
+    state
+        .routes
+        .iter()
+        .filter(|(r, _)| !r.pool.any_up())
+        .map(|(r, _)| {
+            let servers: Vec<String> = (0..r.pool.servers.len())
+                .map(|i| {
+                    let v = r.pool.view(i);
+                    format!("{} {}", v.address, v.state)
+                })
+                .collect();
+            json!({ "route": r.route.name, "problem": format!("no server is up: {}", servers.join(", ")) })
+        })
+        .collect()
+}
+
+fn readyz(state: &AdminState) -> Response<Body> {
+    let problems = not_ready(state);
+    if problems.is_empty() {
+        json_response(StatusCode::OK, &json!({ "ready": true }))
+    } else {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({ "ready": false, "not_ready": problems }),
+        )
+    }
+}
+
+fn metrics(state: &AdminState) -> Response<Body> {
+    // Up/down is a function of time as well (ejections expire), so it is read at scrape time.
+    for (r, _) in &state.routes {
+        for i in 0..r.pool.servers.len() {
+            let v = r.pool.view(i);
+            state
+                .metrics
+                .set_upstream_up(&r.route.name, &v.address, v.state == "up");
+        }
+    }
+    respond(
+        StatusCode::OK,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        state.metrics.encode(),
+    )
+}
+
+fn connections(state: &AdminState, query: &HashMap<String, String>) -> Response<Body> {
+    let limit = match query.get("limit") {
+        None => DEFAULT_LIMIT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n <= MAX_LIMIT => n,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("limit={v:?}: use a whole number from 0 to {MAX_LIMIT}"),
+                )
+            }
+        },
+    };
+    let route = query.get("route").map(String::as_str);
+    if let Some(name) = route {
+        if !state.routes.iter().any(|(r, _)| r.route.name == name) {
+            return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
+        }
+    }
+    let (pairs, more) = state.registry.snapshot(route, limit);
+    json_response(
+        StatusCode::OK,
+        &json!({ "returned": pairs.len(), "more": more, "pairs": pairs }),
+    )
+}
+
+fn upstreams(state: &AdminState) -> Response<Body> {
+    let routes: Vec<serde_json::Value> = state
+        .routes
+        .iter()
+        .map(|(r, addr)| {
+            let servers: Vec<_> = (0..r.pool.servers.len()).map(|i| r.pool.view(i)).collect();
+            json!({
+                "route": r.route.name,
+                "listen": addr.to_string(),
+                "balance": r.route.upstream.balance.as_str(),
+                "health_check": r.route.upstream.health_check.is_some(),
+                "servers": servers,
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({ "routes": routes }))
+}

@@ -1,0 +1,156 @@
+//! `kaproxy status`: the admin endpoint's picture in a terminal.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use serde_json::Value;
+
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fetches `path` from the admin endpoint; returns status and body.
+fn get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let fail = |e: std::io::Error| {
+        format!("cannot reach the admin endpoint at {admin}: {e} (is kaproxy running with [admin] listen = \"{admin}\"?)")
+    };
+    let mut s = TcpStream::connect_timeout(&admin, TIMEOUT).map_err(fail)?;
+    s.set_read_timeout(Some(TIMEOUT)).map_err(fail)?;
+    s.set_write_timeout(Some(TIMEOUT)).map_err(fail)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(fail)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(fail)?;
+    let raw = String::from_utf8_lossy(&raw);
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("{admin}{path}: not an HTTP response"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("{admin}{path}: no status line"))?;
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || tail.len() < n {
+            break;
+        }
+        out.push_str(&tail[..n]);
+        rest = tail[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+fn json(admin: SocketAddr, path: &str) -> Result<Value, String> {
+    let (status, body) = get(admin, path)?;
+    serde_json::from_str(&body)
+        .map_err(|e| format!("{admin}{path} answered {status} with unreadable JSON: {e}"))
+}
+
+/// Renders the status view, or says why the endpoint could not be read.
+pub fn render(admin: SocketAddr) -> Result<String, String> {
+    let upstreams = json(admin, "/upstreams")?;
+    let conns = json(admin, "/connections?limit=100000")?;
+    let (ready_status, ready_body) = get(admin, "/readyz")?;
+    let (_, metrics) = get(admin, "/metrics")?;
+
+    let mut out = String::new();
+    let ready = if ready_status == 200 {
+        "ready".to_string()
+    } else {
+        format!("NOT READY ({})", ready_body.trim().replace('\n', " "))
+    };
+    let _ = writeln!(out, "kaproxy admin {admin}: {ready}");
+
+    let mut by_route: BTreeMap<String, BTreeMap<String, usize>> = BTreeMap::new();
+    for p in conns["pairs"].as_array().into_iter().flatten() {
+        let route = p["route"].as_str().unwrap_or("?").to_string();
+        let state = p["client"]["state"]
+            .as_str()
+            .unwrap_or("unknown")
+            .to_string();
+        *by_route.entry(route).or_default().entry(state).or_default() += 1;
+    }
+    for r in upstreams["routes"].as_array().into_iter().flatten() {
+        let name = r["route"].as_str().unwrap_or("?");
+        let states = by_route.get(name).cloned().unwrap_or_default();
+        let total: usize = states.values().sum();
+        let detail: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        let _ = writeln!(
+            out,
+            "\nroute {name}  listen {}  balance {}  pairs {total}{}",
+            r["listen"].as_str().unwrap_or("?"),
+            r["balance"].as_str().unwrap_or("?"),
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" (client side: {})", detail.join(", "))
+            }
+        );
+        for s in r["servers"].as_array().into_iter().flatten() {
+            let check = match s.get("last_check") {
+                Some(c) => format!("  last check: {}", c["detail"].as_str().unwrap_or("")),
+                None => String::new(),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<28} {:<8} active {:<5}{check}",
+                s["address"].as_str().unwrap_or("?"),
+                s["state"].as_str().unwrap_or("?"),
+                s["active_pairs"].as_u64().unwrap_or(0),
+            );
+        }
+    }
+    if conns["more"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(out, "\n(pair states cover the first 100000 pairs only)");
+    }
+
+    let mut reasons: BTreeMap<String, f64> = BTreeMap::new();
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("kaproxy_pairs_closed_total{"))
+    {
+        let reason = line
+            .split("reason=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap_or("?");
+        let value: f64 = line
+            .rsplit(' ')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        *reasons.entry(reason.to_string()).or_default() += value;
+    }
+    let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    let _ = writeln!(
+        out,
+        "\nclosed so far: {}",
+        if list.is_empty() {
+            "none".to_string()
+        } else {
+            list.join(", ")
+        }
+    );
+    Ok(out)
+}
