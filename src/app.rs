@@ -95,6 +95,8 @@ impl App {
                 let listener = TcpListener::from_std(sockopt::bind_listener(addr).map_err(fail)?)
                     .map_err(fail)?;
                 let bound = listener.local_addr().map_err(fail)?;
+                // Logged before the routes' lines, so whoever waits for those has this one too.
+                tracing::info!(address = %bound, "admin listening");
                 Some((listener, bound))
             }
             None => None,
@@ -145,8 +147,7 @@ impl App {
                 app.kill_pairs.clone(),
             ));
         }
-        if let Some((listener, addr)) = admin_listener {
-            tracing::info!(address = %addr, "admin listening");
+        if let Some((listener, _)) = admin_listener {
             let state = Arc::new(AdminState {
                 routes: admin_routes,
                 registry,

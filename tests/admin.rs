@@ -1,0 +1,474 @@
+//! The admin endpoint of the real binary: metrics that add up, live keepalive
+//! state per connection, readiness, bad requests, limits, and `kaproxy status`.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::netns::{blackhole_host_port, connect_from, isolated};
+use common::*;
+use serde_json::Value;
+
+const CLIENT_A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+fn json(admin: SocketAddr, path: &str) -> (u16, Value) {
+    let (status, body) = admin_get(admin, path);
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}")),
+    )
+}
+
+fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn connections_show_each_side_with_the_keepalive_settings_in_force() {
+    let up = echo_server();
+    let config = format!(
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {{ idle = \"20s\", interval = \"4s\", probes = 5 }}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {{ idle = \"33s\", interval = \"7s\", probes = 2, user_timeout = \"2500ms\" }}\n"
+    );
+    let proxy = Proxy::start(&config);
+    let mut c = connect(proxy.addr("web"));
+    assert_eq!(round_trip(&mut c, b"hello").unwrap(), b"hello");
+
+    let (status, v) = json(proxy.admin(), "/connections?route=web");
+    assert_eq!(status, 200);
+    assert_eq!(v["returned"], 1);
+    assert_eq!(v["more"], 0);
+    let p = &v["pairs"][0];
+    assert_eq!(p["route"], "web");
+    assert_eq!(p["bytes_client_to_upstream"], 5);
+    assert_eq!(p["bytes_upstream_to_client"], 5);
+    assert_eq!(p["client"]["address"], c.local_addr().unwrap().to_string());
+    assert_eq!(p["upstream"]["address"], up.to_string());
+    for side in ["client", "upstream"] {
+        assert_eq!(p[side]["state"], "established", "{p}");
+        assert!(p[side]["rtt_us"].as_u64().is_some(), "{p}");
+        assert!(p[side]["last_data_recv_ms"].as_u64().is_some(), "{p}");
+    }
+    // Read back from the sockets, not echoed from the config.
+    let ka = &p["client"]["keepalive"];
+    assert_eq!(
+        (
+            ka["enabled"].as_bool(),
+            ka["idle_s"].as_u64(),
+            ka["interval_s"].as_u64(),
+            ka["probes"].as_u64(),
+            ka["user_timeout_ms"].as_u64()
+        ),
+        (Some(true), Some(20), Some(4), Some(5), Some(40_000))
+    );
+    let ka = &p["upstream"]["keepalive"];
+    assert_eq!(
+        (
+            ka["enabled"].as_bool(),
+            ka["idle_s"].as_u64(),
+            ka["interval_s"].as_u64(),
+            ka["probes"].as_u64(),
+            ka["user_timeout_ms"].as_u64()
+        ),
+        (Some(true), Some(33), Some(7), Some(2), Some(2500))
+    );
+
+    // A large list is bounded and says how many more there are.
+    let mut more = vec![];
+    for _ in 0..3 {
+        let mut s = connect(proxy.addr("web"));
+        assert_eq!(round_trip(&mut s, b"x").unwrap(), b"x");
+        more.push(s);
+    }
+    let (_, v) = json(proxy.admin(), "/connections?limit=2");
+    assert_eq!(
+        (v["returned"].as_u64(), v["more"].as_u64()),
+        (Some(2), Some(2))
+    );
+    let (_, v) = json(proxy.admin(), "/connections?limit=0");
+    assert_eq!(
+        (v["returned"].as_u64(), v["more"].as_u64()),
+        (Some(0), Some(4))
+    );
+    drop(more);
+    drop(c);
+    poll(
+        Duration::from_secs(5),
+        "pairs gone from /connections",
+        || (json(proxy.admin(), "/connections").1["returned"] == 0).then_some(()),
+    );
+}
+
+#[test]
+fn bad_requests_get_4xx_and_the_proxy_keeps_serving() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route("web", &[up], ""));
+    let admin = proxy.admin();
+    let cases: &[(&str, &str, u16, &str)] = &[
+        ("GET", "/nope", 404, "no such endpoint"),
+        ("GET", "/", 404, "no such endpoint"),
+        ("POST", "/metrics", 405, "read-only"),
+        ("DELETE", "/connections", 405, "read-only"),
+        ("GET", "/connections?limit=abc", 400, "limit"),
+        ("GET", "/connections?limit=-1", 400, "limit"),
+        (
+            "GET",
+            "/connections?limit=99999999999999999999",
+            400,
+            "limit",
+        ),
+        ("GET", "/connections?limit=1&limit=2", 400, "twice"),
+        (
+            "GET",
+            "/connections?sort=age",
+            400,
+            "unknown query parameter",
+        ),
+        ("GET", "/metrics?x=1", 400, "unknown query parameter"),
+        ("GET", "/connections?route=%zz", 400, "percent escape"),
+        ("GET", "/connections?route=nope", 404, "no route named"),
+    ];
+    for (method, path, status, words) in cases {
+        let (got, body) = admin_request(admin, method, path);
+        assert_eq!(got, *status, "{method} {path}: {body}");
+        assert!(
+            body.contains(words),
+            "{method} {path}: expected {words:?} in {body}"
+        );
+    }
+    let (status, body) = admin_get(admin, "/healthz");
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    // Garbage instead of HTTP: the connection is closed, nothing else happens.
+    let mut s = connect(admin);
+    s.write_all(b"\x16\x03\x01 not http at all\r\n\r\n")
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let mut c = connect(proxy.addr("web"));
+    assert_eq!(round_trip(&mut c, b"still fine").unwrap(), b"still fine");
+    assert_eq!(admin_get(admin, "/healthz").0, 200);
+}
+
+#[test]
+fn admin_connections_are_capped_and_timed_out() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route("web", &[up], ""));
+    let admin = proxy.admin();
+    // 64 idle connections hold every slot; the next one is closed at once.
+    let idle: Vec<TcpStream> = (0..64).map(|_| connect(admin)).collect();
+    thread::sleep(Duration::from_millis(200));
+    let mut extra = connect(admin);
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let start = Instant::now();
+    let r = extra.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "over the cap: closed, got {r:?}"
+    );
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // Relaying is not affected while the admin endpoint is saturated.
+    let mut c = connect(proxy.addr("web"));
+    assert_eq!(round_trip(&mut c, b"ok").unwrap(), b"ok");
+    // A connection that never sends its request is dropped after the 5 s header timeout.
+    let mut first = idle.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = first.read(&mut buf);
+    assert!(
+        matches!(r, Ok(0)) || matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "idle admin connection closed, got {r:?}"
+    );
+}
+
+#[test]
+fn readyz_flips_when_the_only_server_goes_down_and_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let up = listener.local_addr().unwrap();
+    let proxy = Proxy::start(&one_route(
+        "solo",
+        &[up],
+        "[route.upstream.health_check]\ntcp = true\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 1\nfall = 1\n",
+    ));
+    let admin = proxy.admin();
+    poll(
+        Duration::from_secs(5),
+        "ready while the server is up",
+        || (admin_get(admin, "/readyz").0 == 200).then_some(()),
+    );
+    drop(listener);
+    let body = poll(
+        Duration::from_secs(5),
+        "503 once the server is down",
+        || {
+            let (status, body) = admin_get(admin, "/readyz");
+            (status == 503).then_some(body)
+        },
+    );
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false);
+    assert_eq!(v["not_ready"][0]["route"], "solo");
+    assert!(
+        v["not_ready"][0]["problem"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("{up} down")),
+        "{v}"
+    );
+    let (_, ups) = json(admin, "/upstreams");
+    assert_eq!(ups["routes"][0]["servers"][0]["state"], "down");
+    assert_eq!(ups["routes"][0]["servers"][0]["last_check"]["ok"], false);
+    let (_, metrics) = admin_get(admin, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("kaproxy_upstream_up{{route=\"solo\",server=\"{up}\"}}")
+        ),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    let _back = TcpListener::bind(up).expect("rebind the same port");
+    poll(Duration::from_secs(5), "ready again", || {
+        (admin_get(admin, "/readyz").0 == 200).then_some(())
+    });
+    let (_, metrics) = admin_get(admin, "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!("kaproxy_upstream_up{{route=\"solo\",server=\"{up}\"}}")
+        ),
+        Some(1.0)
+    );
+}
+
+#[test]
+fn admin_can_be_turned_off() {
+    let up = echo_server();
+    let proxy = Proxy::start(&format!(
+        "{}\n[admin]\nlisten = \"\"\n",
+        one_route("web", &[up], "")
+    ));
+    assert!(!proxy
+        .events()
+        .iter()
+        .any(|v| message(v) == "admin listening"));
+    let mut c = connect(proxy.addr("web"));
+    assert_eq!(round_trip(&mut c, b"x").unwrap(), b"x");
+}
+
+#[test]
+fn status_shows_routes_servers_pairs_and_close_reasons() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route(
+        "web",
+        &[up, dead_port()],
+        "[route.upstream.passive_ejection]\nfailures = 1\n",
+    ));
+    for _ in 0..2 {
+        let mut c = connect(proxy.addr("web"));
+        assert_eq!(round_trip(&mut c, b"x").unwrap(), b"x");
+    }
+    let mut live = connect(proxy.addr("web"));
+    assert_eq!(round_trip(&mut live, b"x").unwrap(), b"x");
+    proxy.wait_closes(2, Duration::from_secs(5));
+    let out = Command::new(bin())
+        .args(["status", "--admin", &proxy.admin().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(": ready"), "{text}");
+    assert!(text.contains("route web"), "{text}");
+    assert!(
+        text.contains("pairs 1 (client side: established 1)"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("{up}")) && text.contains(" up "),
+        "{text}"
+    );
+    assert!(
+        text.contains("ejected"),
+        "the dead server shows as ejected: {text}"
+    );
+    assert!(text.contains("closed so far: completed 2"), "{text}");
+
+    let out = Command::new(bin())
+        .args(["status", "--admin", &dead_port().to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin endpoint"));
+}
+
+#[test]
+fn metrics_count_what_happened() {
+    isolated("metrics_count_what_happened", || {
+        let (listener, up) = upstream_listener();
+        let config = format!(
+            "[[route]]\nname = \"ka\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {{ idle = \"1s\", interval = \"1s\", probes = 2 }}\n[route.upstream]\nservers = [\"{up}\"]\n[[route]]\nname = \"down\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{}\"]\n",
+            dead_port()
+        );
+        let proxy = Proxy::start(&config);
+        // Echoes the four pairs of route "ka", each until its EOF.
+        let echo = thread::spawn(move || {
+            for s in listener.incoming().take(4) {
+                let mut s = s.unwrap();
+                let mut r = s.try_clone().unwrap();
+                thread::spawn(move || {
+                    let _ = std::io::copy(&mut r, &mut s);
+                    let _ = s.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        // Three normal pairs, 5 bytes each way.
+        for _ in 0..3 {
+            let mut c = connect(proxy.addr("ka"));
+            assert_eq!(round_trip(&mut c, b"hello").unwrap(), b"hello");
+        }
+        proxy.wait_closes(3, Duration::from_secs(5));
+        // One connect failure.
+        let mut c = connect(proxy.addr("down"));
+        let mut buf = [0u8; 1];
+        let _ = c.read(&mut buf);
+        proxy.wait_closes(4, Duration::from_secs(5));
+        // One half-dead pair: the client goes silent.
+        let mut c = connect_from(CLIENT_A, proxy.addr("ka"));
+        assert_eq!(round_trip(&mut c, b"bye").unwrap(), b"bye");
+        blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+        let closes = proxy.wait_closes(5, Duration::from_secs(8));
+        assert!(closes.iter().any(|v| reason(v) == "client_dead"));
+        echo.join().unwrap();
+
+        let (status, m) = admin_get(proxy.admin(), "/metrics");
+        assert_eq!(status, 200);
+        let get = |s: &str| metric(&m, s).unwrap_or_else(|| panic!("{s} missing from:\n{m}"));
+        assert_eq!(get("kaproxy_pairs_accepted_total{route=\"ka\"}"), 4.0);
+        assert_eq!(get("kaproxy_pairs_accepted_total{route=\"down\"}"), 1.0);
+        assert_eq!(get("kaproxy_pairs_active{route=\"ka\"}"), 0.0);
+        assert_eq!(
+            get("kaproxy_pairs_closed_total{route=\"ka\",reason=\"completed\"}"),
+            3.0
+        );
+        assert_eq!(
+            get("kaproxy_pairs_closed_total{route=\"ka\",reason=\"client_dead\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("kaproxy_pairs_closed_total{route=\"down\",reason=\"connect_failed\"}"),
+            1.0
+        );
+        assert_eq!(
+            get("kaproxy_bytes_total{route=\"ka\",direction=\"client_to_upstream\"}"),
+            18.0
+        );
+        assert_eq!(
+            get("kaproxy_bytes_total{route=\"ka\",direction=\"upstream_to_client\"}"),
+            18.0
+        );
+        assert!(
+            m.contains(
+                "kaproxy_upstream_connect_failures_total{route=\"down\",server=\"127.0.0.1:"
+            ),
+            "{m}"
+        );
+        assert_eq!(
+            get("kaproxy_pair_duration_seconds_count{route=\"ka\"}"),
+            4.0
+        );
+        assert_eq!(
+            get("kaproxy_dead_peer_detection_seconds_count{route=\"ka\",side=\"client\"}"),
+            1.0
+        );
+        // Death declared 1 + 1 × 2 = 3 s after the client's last data; 2 s tolerance.
+        let detected = get("kaproxy_dead_peer_detection_seconds_sum{route=\"ka\",side=\"client\"}");
+        assert!(
+            (2.0..=5.0).contains(&detected),
+            "detection took {detected} s"
+        );
+        assert!(m.contains("kaproxy_build_info{version=\""), "{m}");
+    });
+}
+
+#[test]
+fn connections_show_keepalive_probes_to_a_silent_client() {
+    isolated(
+        "connections_show_keepalive_probes_to_a_silent_client",
+        || {
+            let (listener, up) = upstream_listener();
+            // Bound 2 + 2 × 3 = 8 s: probes are visible for about 6 s before teardown.
+            let config = format!(
+            "[[route]]\nname = \"ka\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {{ idle = \"2s\", interval = \"2s\", probes = 3 }}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {{ idle = \"45s\", interval = \"9s\", probes = 4, user_timeout = \"off\" }}\n"
+        );
+            let proxy = Proxy::start(&config);
+            let mut c = connect_from(CLIENT_A, proxy.addr("ka"));
+            let (mut u, _) = listener.accept().unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            u.read_exact(&mut buf).unwrap();
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+
+            let pair = poll(
+                Duration::from_secs(8),
+                "client-side keepalive probes visible in /connections",
+                || {
+                    let (_, v) = json(proxy.admin(), "/connections");
+                    let p = v["pairs"][0].clone();
+                    (p["client"]["keepalive_probes_sent"].as_u64().unwrap_or(0) > 0).then_some(p)
+                },
+            );
+            println!("pair while probing: {pair}");
+            assert!(
+                pair["client"]["last_data_recv_ms"].as_u64().unwrap() >= 2000,
+                "{pair}"
+            );
+            assert_eq!(
+                pair["upstream"]["keepalive_probes_sent"], 0,
+                "the upstream side answers: {pair}"
+            );
+            let ka = &pair["client"]["keepalive"];
+            assert_eq!(
+                (
+                    ka["idle_s"].as_u64(),
+                    ka["interval_s"].as_u64(),
+                    ka["probes"].as_u64(),
+                    ka["user_timeout_ms"].as_u64()
+                ),
+                (Some(2), Some(2), Some(3), Some(8000))
+            );
+            let ka = &pair["upstream"]["keepalive"];
+            assert_eq!(
+                (
+                    ka["idle_s"].as_u64(),
+                    ka["interval_s"].as_u64(),
+                    ka["probes"].as_u64(),
+                    ka["user_timeout_ms"].as_u64()
+                ),
+                (Some(45), Some(9), Some(4), Some(0))
+            );
+
+            let closes = proxy.wait_closes(1, Duration::from_secs(10));
+            assert_eq!(reason(&closes[0]), "client_dead");
+            let (_, v) = json(proxy.admin(), "/connections");
+            assert_eq!(v["returned"], 0, "torn down pairs leave /connections");
+        },
+    );
+}
