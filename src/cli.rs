@@ -50,6 +50,14 @@ pub enum Command {
         #[arg(long, value_parser = parse_listen_arg, default_value = DEFAULT_ADMIN_LISTEN)]
         admin: std::net::SocketAddr,
     },
+    /// Exit 0 when the kaproxy running on this configuration is healthy (for container
+    /// HEALTHCHECKs): its admin /healthz answers 200, or, with the admin endpoint off,
+    /// every route accepts connections.
+    Healthcheck {
+        /// Configuration file of the kaproxy to check.
+        #[arg(short = 'c', long = "config", env = "KAPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 /// `kaproxy forward` arguments.

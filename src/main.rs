@@ -48,6 +48,25 @@ fn main() -> ExitCode {
             }
         },
         Command::Forward(args) => (*args).into_config(),
+        Command::Healthcheck { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            return match kaproxy::admin::status::healthcheck(&cfg) {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(EXIT_RUNTIME)
+                }
+            };
+        }
         Command::Status { admin } => {
             return match kaproxy::admin::status::render(admin) {
                 Ok(text) => {

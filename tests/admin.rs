@@ -472,3 +472,58 @@ fn connections_show_keepalive_probes_to_a_silent_client() {
         },
     );
 }
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn healthcheck(config: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(bin())
+        .args(["healthcheck", "-c"])
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn healthcheck_asks_the_admin_endpoint_or_the_listeners() {
+    let up = echo_server();
+    for admin_on in [true, false] {
+        let (route_port, admin_port) = (free_port(), free_port());
+        let admin = if admin_on {
+            format!("[admin]\nlisten = \"0.0.0.0:{admin_port}\"\n")
+        } else {
+            "[admin]\nenabled = false\n".to_string()
+        };
+        let config = format!("{admin}[[route]]\nname = \"web\"\nlisten = \"0.0.0.0:{route_port}\"\n[route.upstream]\nservers = [\"{up}\"]\n");
+        let mut proxy = Proxy::start(&config);
+        let (code, out) = healthcheck(&proxy.config_path);
+        assert_eq!(code, Some(0), "admin {admin_on}: {out}");
+        let expected = if admin_on {
+            format!("127.0.0.1:{admin_port}/healthz answered 200")
+        } else {
+            format!("accepting on web on 127.0.0.1:{route_port}")
+        };
+        assert!(out.contains(&expected), "{out}");
+        proxy.signal("TERM");
+        assert!(proxy.wait_exit(Duration::from_secs(5)).success());
+        let (code, out) = healthcheck(&proxy.config_path);
+        assert_eq!(code, Some(1), "unhealthy once stopped: {out}");
+        assert!(
+            out.contains("unhealthy") || out.contains("cannot reach"),
+            "{out}"
+        );
+    }
+}

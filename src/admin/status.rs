@@ -154,3 +154,50 @@ pub fn render(admin: SocketAddr) -> Result<String, String> {
     );
     Ok(out)
 }
+
+/// Where to reach an address this process's kaproxy listens on, from the same
+/// host (or container): an unspecified IP means loopback.
+fn local_target(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// `kaproxy healthcheck`: asks the admin endpoint's `/healthz` when the admin
+/// endpoint is on, else checks that every route's listener accepts a connection.
+/// Needs no shell tools, so a container image can use it as its HEALTHCHECK.
+pub fn healthcheck(config: &crate::config::Config) -> Result<String, String> {
+    if let Some(admin) = config.admin {
+        if admin.port() == 0 {
+            return Err("the admin endpoint listens on port 0, whose real port only its log tells; give it a fixed port to health-check it".to_string());
+        }
+        let target = local_target(admin);
+        let (status, body) = get(target, "/healthz")?;
+        return if status == 200 {
+            Ok(format!("healthy: {target}/healthz answered {status}"))
+        } else {
+            Err(format!(
+                "unhealthy: {target}/healthz answered {status}: {}",
+                body.trim()
+            ))
+        };
+    }
+    let mut checked = Vec::new();
+    for route in &config.routes {
+        if route.listen.port() == 0 {
+            return Err(format!("route \"{}\" listens on port 0, which cannot be checked without the admin endpoint", route.name));
+        }
+        let target = local_target(route.listen);
+        TcpStream::connect_timeout(&target, TIMEOUT).map_err(|e| {
+            format!(
+                "unhealthy: route \"{}\" does not accept connections on {target}: {e}",
+                route.name
+            )
+        })?;
+        checked.push(format!("{} on {target}", route.name));
+    }
+    Ok(format!("healthy: accepting on {}", checked.join(", ")))
+}
