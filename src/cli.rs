@@ -106,6 +106,7 @@ impl ForwardArgs {
             source: "<command line>".to_string(),
             shutdown_grace: self.shutdown_grace,
             admin: self.admin.0,
+            overrides: Vec::new(),
             routes: vec![Route {
                 name: "forward".to_string(),
                 listen: self.listen,

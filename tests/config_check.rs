@@ -350,3 +350,107 @@ fn check_prints_the_pool_of_each_route() {
         "{stdout}"
     );
 }
+
+fn check_env(path: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(path)
+        .env_remove("KAPROXY_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn environment_overrides_settings_of_the_file() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kaproxy.toml");
+    let (code, stdout, stderr) = check_env(
+        &path,
+        &[
+            (
+                "KAPROXY_ROUTE__TOMCAT_HTTP__UPSTREAM__SERVERS",
+                "tomcat-1:8080, tomcat-2:8080",
+            ),
+            ("KAPROXY_ROUTE__TOMCAT_AJP__CLIENT__KEEPALIVE__PROBES", "6"),
+            ("KAPROXY_DEFAULTS__CLIENT__KEEPALIVE__IDLE", "30s"),
+            ("KAPROXY_ADMIN__LISTEN", "0.0.0.0:9901"),
+            ("KAPROXY_SHUTDOWN_GRACE", "10s"),
+            ("KAPROXY_LOG", "debug"),
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(
+            "overridden by the environment: KAPROXY_ROUTE__TOMCAT_HTTP__UPSTREAM__SERVERS"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        !stdout.contains("KAPROXY_LOG"),
+        "KAPROXY_LOG is not a setting: {stdout}"
+    );
+    assert!(
+        stdout.contains("servers            = tomcat-1:8080, tomcat-2:8080"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("admin          = 0.0.0.0:9901"), "{stdout}");
+    assert!(stdout.contains("shutdown_grace = 10s"), "{stdout}");
+    // tomcat-http inherits the overridden default; tomcat-ajp keeps its own idle, gets 6 probes.
+    assert!(
+        stdout.contains("client   keepalive  = idle 30s interval 10s probes 3"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("client   keepalive  = idle 30s interval 10s probes 6"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn a_bad_override_names_its_variable() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/kaproxy.toml");
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "KAPROXY_DEFAULTS__CLIENT__KEEPALIVE__IDLE",
+            "1500ms",
+            "defaults.client.keepalive.idle: 1s 500ms is not a whole number of seconds",
+        ),
+        (
+            "KAPROXY_DEFAULTS__CLIENT__KEEPALIVE__IDEL",
+            "1s",
+            "unknown field `idel`",
+        ),
+        (
+            "KAPROXY_ROUTE__TOMCAT__LISTEN",
+            "0.0.0.0:1",
+            "no route is named TOMCAT (routes: TOMCAT_HTTP, TOMCAT_AJP)",
+        ),
+        (
+            "KAPROXY_ROUTE__TOMCAT_HTTP__UPSTREAM__SERVERS",
+            "tomcat",
+            "has no port",
+        ),
+        (
+            "KAPROXY_DEFAULTS__UPSTREAM__RETRIES",
+            "many",
+            "invalid type",
+        ),
+    ];
+    for (var, value, words) in cases {
+        let (code, _, stderr) = check_env(&path, &[(var, value)]);
+        assert_eq!(code, 64, "{var}={value}: {stderr}");
+        assert!(
+            stderr.contains(&format!("environment variable {var}")),
+            "{var}={value}: {stderr}"
+        );
+        assert!(
+            stderr.contains(words),
+            "{var}={value}: expected {words:?} in {stderr}"
+        );
+    }
+}

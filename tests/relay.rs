@@ -153,3 +153,16 @@ fn many_sequential_and_parallel_pairs_all_complete() {
         "{closes:?}"
     );
 }
+
+#[test]
+fn environment_points_a_route_at_its_servers() {
+    let up = echo_server();
+    let config = "[[route]]\nname = \"app-http\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"placeholder:9\"]\n";
+    let servers = up.to_string();
+    let proxy = Proxy::start_with_env(
+        config,
+        &[("KAPROXY_ROUTE__APP_HTTP__UPSTREAM__SERVERS", &servers)],
+    );
+    let mut c = connect(proxy.addr("app-http"));
+    assert_eq!(round_trip(&mut c, b"via env").unwrap(), b"via env");
+}

@@ -33,13 +33,18 @@ pub enum ConfigError {
 pub struct Location {
     /// The configuration file (or a pseudo name such as `<command line>`).
     pub file: String,
-    /// 1-based line number.
+    /// 1-based line number in the file.
     pub line: usize,
+    /// The environment variable the value came from, when it did not come from the file.
+    pub env: Option<String>,
 }
 
 impl fmt::Display for Location {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file, self.line)
+        match &self.env {
+            Some(var) => write!(f, "environment variable {var} (overriding {})", self.file),
+            None => write!(f, "{}:{}", self.file, self.line),
+        }
     }
 }
 

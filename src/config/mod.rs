@@ -4,6 +4,7 @@
 //! kernel range checks) → [`Config`]. Nothing past this module sees an `Option`
 //! for a value that is required, or a duration the kernel cannot take.
 
+mod env;
 mod error;
 mod raw;
 mod resolve;
@@ -13,6 +14,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+pub use env::route_key;
 pub use error::{ConfigError, Location};
 pub use resolve::{parse_keepalive_shorthand, parse_listen, parse_server};
 
@@ -42,6 +44,8 @@ pub struct Config {
     pub admin: Option<SocketAddr>,
     /// At least one route, names and listen addresses unique.
     pub routes: Vec<Route>,
+    /// The environment variables that overrode settings of the file.
+    pub overrides: Vec<String>,
 }
 
 /// One listener and where its connections go.
@@ -287,18 +291,27 @@ impl fmt::Display for ServerAddr {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
+    /// Reads and validates a configuration file, with `KAPROXY_*` overrides
+    /// from this process's environment applied.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        Config::load_with_env(path, &env)
+    }
+
+    /// Reads and validates a configuration file with these environment variables.
+    pub fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Config::from_toml(&path.display().to_string(), &text)
+        resolve::resolve(&path.display().to_string(), &text, env)
     }
 
-    /// Validates configuration text; `source` names it in messages.
+    /// Validates configuration text without environment overrides; `source` names it in messages.
     pub fn from_toml(source: &str, text: &str) -> Result<Config, ConfigError> {
-        resolve::resolve(source, text)
+        resolve::resolve(source, text, &[])
     }
 
     /// A human-readable summary of every route's effective settings, as `kaproxy check` prints it.
@@ -306,11 +319,19 @@ impl Config {
         use std::fmt::Write;
         let mut out = String::new();
         let _ = writeln!(out, "{}: ok, {} route(s)", self.source, self.routes.len());
+        for var in &self.overrides {
+            let _ = writeln!(out, "overridden by the environment: {var}");
+        }
         let _ = writeln!(
             out,
             "shutdown_grace = {}",
             fmt_duration(self.shutdown_grace)
         );
+        let admin = self
+            .admin
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "off".to_string());
+        let _ = writeln!(out, "admin          = {admin}");
         for route in &self.routes {
             let _ = writeln!(out, "\nroute \"{}\"", route.name);
             let _ = writeln!(out, "  listen             = {}", route.listen);

@@ -1,6 +1,8 @@
 //! Serde mirror of the TOML file. Everything is optional and spanned so that
 //! the resolve step can apply inheritance and point at the exact line.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -116,3 +118,82 @@ pub struct RawKeepalive {
     pub probes: Option<Spanned<i64>>,
     pub user_timeout: Option<SStr>,
 }
+
+/// Settings from the environment (see `env.rs`), routes keyed by name.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverlay {
+    pub shutdown_grace: Option<SStr>,
+    pub admin: Option<RawAdmin>,
+    pub defaults: Option<RawDefaults>,
+    pub route: Option<BTreeMap<String, RawRoute>>,
+}
+
+/// Field-by-field overlay: a value in `over` replaces the one in `self`.
+pub trait Merge {
+    fn merge(self, over: Self) -> Self;
+}
+
+fn merge_opt<T: Merge>(base: Option<T>, over: Option<T>) -> Option<T> {
+    match (base, over) {
+        (Some(b), Some(o)) => Some(b.merge(o)),
+        (b, None) => b,
+        (None, o) => o,
+    }
+}
+
+macro_rules! merge_struct {
+    ($ty:ident { values: [$($v:ident),*], tables: [$($t:ident),*] }) => {
+        impl Merge for $ty {
+            fn merge(self, over: Self) -> Self {
+                $ty {
+                    $($v: over.$v.or(self.$v),)*
+                    $($t: merge_opt(self.$t, over.$t),)*
+                }
+            }
+        }
+    };
+}
+
+merge_struct!(RawAdmin {
+    values: [listen, enabled],
+    tables: []
+});
+merge_struct!(RawDefaults {
+    values: [idle_timeout, half_close_timeout, on_peer_failure],
+    tables: [client, upstream]
+});
+merge_struct!(RawRoute {
+    values: [
+        name,
+        listen,
+        idle_timeout,
+        half_close_timeout,
+        on_peer_failure
+    ],
+    tables: [client, upstream]
+});
+merge_struct!(RawClient {
+    values: [],
+    tables: [keepalive]
+});
+merge_struct!(RawUpstreamDefaults {
+    values: [connect_timeout, balance, retries],
+    tables: [keepalive, health_check, passive_ejection]
+});
+merge_struct!(RawUpstream {
+    values: [servers, connect_timeout, balance, retries],
+    tables: [keepalive, health_check, passive_ejection]
+});
+merge_struct!(RawKeepalive {
+    values: [enabled, idle, interval, probes, user_timeout],
+    tables: []
+});
+merge_struct!(RawHealthCheck {
+    values: [tcp, http, expect, host, interval, timeout, rise, fall],
+    tables: []
+});
+merge_struct!(RawEjection {
+    values: [failures, backoff, max_backoff],
+    tables: []
+});

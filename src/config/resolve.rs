@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::raw::{RawConfig, RawEjection, RawHealthCheck, RawKeepalive, SStr};
+use super::raw::{Merge, RawConfig, RawEjection, RawHealthCheck, RawKeepalive, RawOverlay, SStr};
 use super::{
     Balance, ClientSpec, Config, ConfigError, Ejection, HealthCheck, HealthKind, KeepaliveSpec,
     Location, OnPeerFailure, Route, Server, ServerAddr, StatusMatch, UpstreamSpec, UserTimeout,
@@ -24,9 +24,34 @@ const DURATION_HINT: &str = "write a duration such as \"90s\", \"1m30s\" or \"50
 struct Ctx<'a> {
     file: &'a str,
     text: &'a str,
+    /// The environment overrides as parsed (the file's length in spaces, a
+    /// newline, then one line per variable), and the variable of each line.
+    env_text: String,
+    env_vars: Vec<String>,
 }
 
 impl Ctx<'_> {
+    fn location(&self, offset: usize) -> Location {
+        if offset > self.text.len() && !self.env_vars.is_empty() {
+            let start = self.text.len() + 1;
+            let end = offset.clamp(start, self.env_text.len());
+            let index = self.env_text.as_bytes()[start..end]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count();
+            return Location {
+                file: self.file.to_string(),
+                line: 0,
+                env: self.env_vars.get(index).cloned(),
+            };
+        }
+        Location {
+            file: self.file.to_string(),
+            line: self.line_of(offset),
+            env: None,
+        }
+    }
+
     fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.text.len());
         self.text.as_bytes()[..end]
@@ -44,10 +69,7 @@ impl Ctx<'_> {
         hint: impl Into<String>,
     ) -> Result<T, ConfigError> {
         Err(ConfigError::Invalid {
-            location: Location {
-                file: self.file.to_string(),
-                line: self.line_of(span.start),
-            },
+            location: self.location(span.start),
             field: field.to_string(),
             problem: problem.into(),
             hint: hint.into(),
@@ -147,9 +169,55 @@ const MAX_WEIGHT: i64 = 1000;
 const MAX_RETRIES: i64 = 100;
 const MAX_RISE_FALL: i64 = 1000;
 
-pub(super) fn resolve(file: &str, text: &str) -> Result<Config, ConfigError> {
-    let ctx = Ctx { file, text };
-    let raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&ctx, &e))?;
+pub(super) fn resolve(
+    file: &str,
+    text: &str,
+    env: &[(String, String)],
+) -> Result<Config, ConfigError> {
+    let mut ctx = Ctx {
+        file,
+        text,
+        env_text: String::new(),
+        env_vars: Vec::new(),
+    };
+    let mut raw: RawConfig = toml::from_str(text).map_err(|e| toml_error(&ctx, &e))?;
+
+    // Environment overrides, merged field by field over the file.
+    let route_names: Vec<String> = raw
+        .route
+        .as_ref()
+        .map(|r| {
+            r.get_ref()
+                .iter()
+                .filter_map(|r| {
+                    r.get_ref()
+                        .name
+                        .as_ref()
+                        .map(|n| n.get_ref().trim().to_string())
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let doc = super::env::document(env, &route_names).map_err(|problem| ConfigError::Invalid {
+        location: Location {
+            file: file.to_string(),
+            line: 0,
+            env: Some(problem.split(':').next().unwrap_or("").to_string()),
+        },
+        field: "(environment)".to_string(),
+        problem: problem
+            .split_once(": ")
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_else(|| problem.clone()),
+        hint: "see README.md, Configuration from the environment".to_string(),
+    })?;
+    let overrides = doc.vars.clone();
+    if !doc.vars.is_empty() {
+        ctx.env_text = format!("{}\n{}", " ".repeat(text.len()), doc.text);
+        ctx.env_vars = doc.vars.clone();
+        let overlay = super::env::parse(&doc, text.len()).map_err(|e| toml_error(&ctx, &e))?;
+        raw = apply_overlay(raw, overlay);
+    }
 
     let shutdown_grace = match &raw.shutdown_grace {
         Some(s) => off_or_duration(&ctx, s, "shutdown_grace")?.unwrap_or(Duration::ZERO),
@@ -452,7 +520,37 @@ pub(super) fn resolve(file: &str, text: &str) -> Result<Config, ConfigError> {
         shutdown_grace,
         admin,
         routes,
+        overrides,
     })
+}
+
+fn apply_overlay(mut raw: RawConfig, overlay: RawOverlay) -> RawConfig {
+    raw.shutdown_grace = overlay.shutdown_grace.or(raw.shutdown_grace);
+    raw.admin = match (raw.admin, overlay.admin) {
+        (Some(b), Some(o)) => Some(b.merge(o)),
+        (b, None) => b,
+        (None, o) => o,
+    };
+    raw.defaults = match (raw.defaults, overlay.defaults) {
+        (Some(b), Some(o)) => Some(b.merge(o)),
+        (b, None) => b,
+        (None, o) => o,
+    };
+    if let (Some(routes), Some(mut over)) = (raw.route.as_mut(), overlay.route) {
+        for spanned in routes.get_mut().iter_mut() {
+            let span = spanned.span();
+            let name = spanned
+                .get_ref()
+                .name
+                .as_ref()
+                .map(|n| n.get_ref().trim().to_string());
+            if let Some(o) = name.and_then(|n| over.remove(&n)) {
+                let base = std::mem::take(spanned.get_mut());
+                *spanned = Spanned::new(span, base.merge(o));
+            }
+        }
+    }
+    raw
 }
 
 fn default_admin() -> SocketAddr {
@@ -473,22 +571,28 @@ fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
 
 fn toml_error(ctx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
     let span = e.span().unwrap_or(0..0);
-    let line_no = ctx.line_of(span.start);
-    let snippet = ctx.text.get(span.clone()).unwrap_or("").trim().to_string();
-    let field = field_at(ctx.text, span.start, &snippet);
+    let in_env = span.start > ctx.text.len() && !ctx.env_vars.is_empty();
+    let source = if in_env {
+        ctx.env_text.as_str()
+    } else {
+        ctx.text
+    };
+    let snippet = source.get(span.clone()).unwrap_or("").trim().to_string();
+    let field = field_at(source, span.start, &snippet);
     let message = e.message().trim().to_string();
     let hint = if message.starts_with("unknown field") {
-        "remove or correct this key; see the configuration reference in README.md".to_string()
+        if in_env {
+            "no such setting: the variable names the setting's path in the file, levels separated by __ (see README.md, Configuration from the environment)".to_string()
+        } else {
+            "remove or correct this key; see the configuration reference in README.md".to_string()
+        }
     } else if message.contains("invalid type") {
         "check the value's type: durations and addresses are quoted strings, probes is an integer, enabled is true or false".to_string()
     } else {
         "fix the TOML syntax on this line".to_string()
     };
     ConfigError::Invalid {
-        location: Location {
-            file: ctx.file.to_string(),
-            line: line_no,
-        },
+        location: ctx.location(span.start),
         field,
         problem: message,
         hint,
@@ -1170,7 +1274,7 @@ mod tests {
         let text = format!(
             "[defaults]\non_peer_failure = \"close\"\n[defaults.client.keepalive]\nidle = \"20s\"\nprobes = 5\n[defaults.upstream]\nconnect_timeout = \"7s\"\n{ROUTE}keepalive = {{ interval = \"2s\" }}\n[route.client]\nkeepalive = {{ probes = 9 }}\n"
         );
-        let cfg = resolve("t", &text).unwrap();
+        let cfg = resolve("t", &text, &[]).unwrap();
         let r = &cfg.routes[0];
         assert_eq!(
             r.client.keepalive.idle,
@@ -1194,7 +1298,7 @@ mod tests {
 
     #[test]
     fn builtin_defaults_detect_within_ninety_seconds() {
-        let cfg = resolve("t", ROUTE).unwrap();
+        let cfg = resolve("t", ROUTE, &[]).unwrap();
         let ka = cfg.routes[0].client.keepalive;
         assert_eq!(ka.detection_bound(), Some(Duration::from_secs(90)));
         assert_eq!(ka.effective_user_timeout(), Some(Duration::from_secs(90)));

@@ -42,6 +42,11 @@ pub struct Proxy {
 impl Proxy {
     /// Starts `kaproxy run` on this config text and waits until every route logged its bound address.
     pub fn start(config: &str) -> Proxy {
+        Proxy::start_with_env(config, &[])
+    }
+
+    /// As [`Proxy::start`], with extra environment variables for kaproxy.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("kaproxy.toml");
         // Every test proxy gets its own admin port, so parallel tests never clash on 9901.
@@ -54,6 +59,7 @@ impl Proxy {
         let expected = config.matches("[[route]]").count();
         let mut cmd = Command::new(bin());
         cmd.args(["--log-format", "json", "run", "-c"]).arg(&path);
+        cmd.envs(env.iter().copied());
         Proxy::spawn(cmd, expected, dir, path)
     }
 
