@@ -110,9 +110,9 @@ pub fn document(vars: &[(String, String)], route_names: &[String]) -> Result<Env
             ));
         }
         let last = path.last().map(String::as_str).unwrap_or("");
-        let literal = if INTEGER_KEYS.contains(&last) && value.trim().parse::<i64>().is_ok() {
-            value.trim().to_string()
-        } else if BOOLEAN_KEYS.contains(&last) && matches!(value.trim(), "true" | "false") {
+        let typed = (INTEGER_KEYS.contains(&last) && value.trim().parse::<i64>().is_ok())
+            || (BOOLEAN_KEYS.contains(&last) && matches!(value.trim(), "true" | "false"));
+        let literal = if typed {
             value.trim().to_string()
         } else if last == "servers" {
             let items: Vec<String> = value

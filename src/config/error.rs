@@ -36,7 +36,7 @@ pub struct Location {
     /// 1-based line number in the file.
     pub line: usize,
     /// The environment variable the value came from, when it did not come from the file.
-    pub env: Option<String>,
+    pub env: Option<Box<str>>,
 }
 
 impl fmt::Display for Location {

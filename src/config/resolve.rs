@@ -42,7 +42,7 @@ impl Ctx<'_> {
             return Location {
                 file: self.file.to_string(),
                 line: 0,
-                env: self.env_vars.get(index).cloned(),
+                env: self.env_vars.get(index).map(|v| v.as_str().into()),
             };
         }
         Location {
@@ -202,7 +202,7 @@ pub(super) fn resolve(
         location: Location {
             file: file.to_string(),
             line: 0,
-            env: Some(problem.split(':').next().unwrap_or("").to_string()),
+            env: Some(problem.split(':').next().unwrap_or("").into()),
         },
         field: "(environment)".to_string(),
         problem: problem

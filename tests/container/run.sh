@@ -66,6 +66,13 @@ if make_base "$BUILD_BASE" "$WORK/build" "gcc,libc6-dev,ca-certificates"; then
     cp -a "$sysroot/bin" "$sysroot/lib" "$WORK/build/usr/local/rust/"
     [ -d "$sysroot/libexec" ] && cp -a "$sysroot/libexec" "$WORK/build/usr/local/rust/"
     for b in cargo rustc rustdoc; do ln -s "/usr/local/rust/bin/$b" "$WORK/build/usr/local/cargo/bin/$b"; done
+    # This network reaches crates.io through a TLS-inspecting proxy: the build
+    # environment trusts the same extra CAs as this host (a property of where the
+    # image is built, not of the Dockerfile).
+    if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+        cp /usr/local/share/ca-certificates/*.crt "$WORK/build/usr/local/share/ca-certificates/"
+        chroot "$WORK/build" update-ca-certificates >/dev/null
+    fi
     tar -C "$WORK/build" -c . | "${PODMAN[@]}" import \
         --change 'ENV PATH=/usr/local/cargo/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV CARGO_HOME=/usr/local/cargo' \
