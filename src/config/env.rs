@@ -90,9 +90,11 @@ pub fn document(vars: &[(String, String)], route_names: &[String]) -> Result<Env
                         let known: Vec<String> = route_names.iter().map(|n| route_key(n)).collect();
                         return Err(format!("{var}: no route is named {wanted} (routes: {}); overrides change routes defined in the file", known.join(", ")));
                     }
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "{var}: several routes are named {wanted} once upper-cased with '-' as '_'"
-                    )),
+                    ))
+                    }
                 }
             } else {
                 keys.push(seg.clone());
