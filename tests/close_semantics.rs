@@ -86,10 +86,11 @@ fn all_servers_down_closes_the_client_promptly_with_connect_failed() {
     );
 }
 
-#[test]
-fn upstream_reset_resets_the_client() {
+/// A pair whose upstream resets it after reading "hello"; returns what the client's
+/// next read gives and the logged close reason.
+fn upstream_resets(route_extra: &str) -> (std::io::Result<usize>, String) {
     let (listener, up) = upstream_listener();
-    let proxy = Proxy::start(&one_route("rst", &[up], ""));
+    let proxy = Proxy::start(&one_route("rst", &[up], route_extra));
     let upstream = thread::spawn(move || {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = [0u8; 5];
@@ -97,45 +98,34 @@ fn upstream_reset_resets_the_client() {
         socket2::SockRef::from(&s)
             .set_linger(Some(Duration::ZERO))
             .unwrap();
-        drop(s);
     });
     let mut c = connect(proxy.addr("rst"));
     c.write_all(b"hello").unwrap();
     upstream.join().unwrap();
     let mut buf = [0u8; 1];
     let r = c.read(&mut buf);
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    (r, reason(&closes[0]).to_string())
+}
+
+#[test]
+fn upstream_reset_resets_the_client() {
+    let (r, reason) = upstream_resets("");
     assert!(
         matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
         "expected reset, got {r:?}"
     );
-    let closes = proxy.wait_closes(1, Duration::from_secs(5));
-    assert_eq!(reason(&closes[0]), "upstream_reset");
+    assert_eq!(reason, "upstream_reset");
 }
 
 #[test]
 fn on_peer_failure_close_sends_fin_instead() {
-    let (listener, up) = upstream_listener();
-    let proxy = Proxy::start(&one_route("fin", &[up], "on_peer_failure = \"close\""));
-    let upstream = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
-        let mut buf = [0u8; 5];
-        s.read_exact(&mut buf).unwrap();
-        socket2::SockRef::from(&s)
-            .set_linger(Some(Duration::ZERO))
-            .unwrap();
-        drop(s);
-    });
-    let mut c = connect(proxy.addr("fin"));
-    c.write_all(b"hello").unwrap();
-    upstream.join().unwrap();
-    let mut buf = [0u8; 1];
-    assert_eq!(
-        c.read(&mut buf).unwrap(),
-        0,
-        "clean EOF with on_peer_failure = close"
+    let (r, reason) = upstream_resets("on_peer_failure = \"close\"");
+    assert!(
+        matches!(r, Ok(0)),
+        "clean EOF with on_peer_failure = close, got {r:?}"
     );
-    let closes = proxy.wait_closes(1, Duration::from_secs(5));
-    assert_eq!(reason(&closes[0]), "upstream_reset");
+    assert_eq!(reason, "upstream_reset");
 }
 
 #[test]

@@ -112,69 +112,27 @@ pub fn run(argv: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Adds `nft add rule inet kaproxy_test output <matches> drop`.
+fn drop_rule(matches: &[&str]) {
+    let mut argv = vec!["nft", "add", "rule", "inet", "kaproxy_test", "output"];
+    argv.extend_from_slice(matches);
+    argv.push("drop");
+    run(&argv);
+}
+
 /// Drops every packet between `ip` and the port `port` (both directions), as if
 /// the host at `ip` had been cut off without a word.
 pub fn blackhole_host_port(ip: IpAddr, port: u16) {
-    let (p, port) = (ip.to_string(), port.to_string());
-    run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "kaproxy_test",
-        "output",
-        "ip",
-        "saddr",
-        &p,
-        "tcp",
-        "dport",
-        &port,
-        "drop",
-    ]);
-    run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "kaproxy_test",
-        "output",
-        "ip",
-        "daddr",
-        &p,
-        "tcp",
-        "sport",
-        &port,
-        "drop",
-    ]);
+    let (ip, port) = (ip.to_string(), port.to_string());
+    drop_rule(&["ip", "saddr", &ip, "tcp", "dport", &port]);
+    drop_rule(&["ip", "daddr", &ip, "tcp", "sport", &port]);
 }
 
 /// Drops every packet to or from a TCP port.
 pub fn blackhole_port(port: u16) {
     let port = port.to_string();
-    run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "kaproxy_test",
-        "output",
-        "tcp",
-        "dport",
-        &port,
-        "drop",
-    ]);
-    run(&[
-        "nft",
-        "add",
-        "rule",
-        "inet",
-        "kaproxy_test",
-        "output",
-        "tcp",
-        "sport",
-        &port,
-        "drop",
-    ]);
+    drop_rule(&["tcp", "dport", &port]);
+    drop_rule(&["tcp", "sport", &port]);
 }
 
 /// Connects to `to` from source address `from` (any 127.x.y.z works on lo).
