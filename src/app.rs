@@ -47,6 +47,9 @@ pub struct App {
     bound: Vec<BoundRoute>,
     shutdown_grace: Duration,
     stop_accepting: CancellationToken,
+    /// The admin endpoint outlives the drain, so it can be watched.
+    stop_admin: CancellationToken,
+    admin: TaskTracker,
     kill_pairs: CancellationToken,
     services: TaskTracker,
     pairs: TaskTracker,
@@ -81,6 +84,8 @@ impl App {
             bound: Vec::new(),
             shutdown_grace: config.shutdown_grace,
             stop_accepting: CancellationToken::new(),
+            stop_admin: CancellationToken::new(),
+            admin: TaskTracker::new(),
             kill_pairs: CancellationToken::new(),
             services: TaskTracker::new(),
             pairs: TaskTracker::new(),
@@ -149,12 +154,13 @@ impl App {
         }
         if let Some((listener, _)) = admin_listener {
             let state = Arc::new(AdminState {
+                draining: app.stop_accepting.clone(),
                 routes: admin_routes,
                 registry,
                 metrics,
             });
-            app.services
-                .spawn(admin::serve(listener, state, app.stop_accepting.clone()));
+            app.admin
+                .spawn(admin::serve(listener, state, app.stop_admin.clone()));
         }
         Ok(App { bound, ..app })
     }
@@ -191,6 +197,9 @@ impl App {
                 "drain incomplete: grace period over, remaining pairs closed"
             );
         }
+        self.stop_admin.cancel();
+        self.admin.close();
+        self.admin.wait().await;
         drained
     }
 }

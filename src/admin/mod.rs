@@ -39,6 +39,8 @@ const MAX_LIMIT: usize = 100_000;
 /// What the endpoint reads.
 #[derive(Debug)]
 pub struct AdminState {
+    /// Cancelled once shutdown has begun: not ready any more, still observable.
+    pub draining: CancellationToken,
     /// Every route with its bound address.
     pub routes: Vec<(Arc<RouteState>, SocketAddr)>,
     /// Live pairs.
@@ -47,7 +49,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
 }
 
-/// Serves admin requests on `listener` until `stop` is cancelled.
+/// Serves admin requests on `listener` until `stop` is cancelled (after the
+/// drain, so that a draining kaproxy can still be watched).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let connections = TaskTracker::new();
@@ -221,7 +224,10 @@ fn not_ready(state: &AdminState) -> Vec<serde_json::Value> {
 }
 
 fn readyz(state: &AdminState) -> Response<Body> {
-    let problems = not_ready(state);
+    let mut problems = not_ready(state);
+    if state.draining.is_cancelled() {
+        problems.insert(0, json!({ "problem": "shutting down: not accepting new connections, draining live pairs" }));
+    }
     if problems.is_empty() {
         json_response(StatusCode::OK, &json!({ "ready": true }))
     } else {
