@@ -83,6 +83,16 @@ impl CloseReason {
         }
     }
 
+    /// The side a `*_dead` reason declares dead, from whose last data the
+    /// detection time is measured.
+    pub fn dead_side(self) -> Option<Side> {
+        match self {
+            CloseReason::ClientDead => Some(Side::Client),
+            CloseReason::UpstreamDead => Some(Side::Upstream),
+            _ => None,
+        }
+    }
+
     /// Whether the reason is a failure of one side, after which the other side
     /// is closed per `on_peer_failure`.
     pub fn failed_side(self) -> Option<Side> {

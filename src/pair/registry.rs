@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use super::close::Side;
 use super::relay::RelayStats;
 use crate::net::sockopt::{self, SocketSnapshot};
 
@@ -170,15 +169,5 @@ impl Registry {
             })
             .collect();
         (views, more)
-    }
-}
-
-/// Which side's last data a `*_dead` close is measured from.
-pub fn dead_side(reason: super::close::CloseReason) -> Option<Side> {
-    use super::close::CloseReason::*;
-    match reason {
-        ClientDead => Some(Side::Client),
-        UpstreamDead => Some(Side::Upstream),
-        _ => None,
     }
 }
