@@ -172,9 +172,9 @@ fn idle_timeout_closes_a_silent_pair_but_not_a_busy_one() {
     assert_eq!(closes.len(), 1, "only the silent pair closed: {closes:?}");
     assert_eq!(reason(&closes[0]), "idle_timeout");
     let ms = closes[0]["duration_ms"].as_u64().unwrap();
-    // Bound 1 s from the last byte; tolerance 1 s for scheduling.
+    // Bound 1 s from the last byte; tolerance 1.5 s for scheduling on a loaded machine.
     assert!(
-        (1000..2000).contains(&ms),
+        (1000..2500).contains(&ms),
         "idle pair closed after {ms} ms, expected 1 s + tolerance"
     );
     assert_eq!(round_trip(&mut busy, b"still here").unwrap(), b"still here");
