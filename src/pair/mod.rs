@@ -153,7 +153,9 @@ impl Close<'_> {
         let c2u = stats.client_to_upstream.load(Ordering::Relaxed);
         let u2c = stats.upstream_to_client.load(Ordering::Relaxed);
         let age = stats.age();
-        let detection = end.reason.dead_side()
+        let detection = end
+            .reason
+            .dead_side()
             .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
         self.route.metrics.pair_closed(
             &self.route.name,
