@@ -329,8 +329,8 @@ fn metrics_count_what_happened() {
         let proxy = Proxy::start(&config);
         // Echoes the four pairs of route "ka", each until its EOF.
         let echo = thread::spawn(move || {
-            for s in listener.incoming().take(4) {
-                let mut s = s.unwrap();
+            for _ in 0..4 {
+                let mut s = accept(&listener);
                 let mut r = s.try_clone().unwrap();
                 thread::spawn(move || {
                     let _ = std::io::copy(&mut r, &mut s);
@@ -419,7 +419,7 @@ fn connections_show_keepalive_probes_to_a_silent_client() {
         );
             let proxy = Proxy::start(&config);
             let mut c = connect_from(CLIENT_A, proxy.addr("ka"));
-            let (mut u, _) = listener.accept().unwrap();
+            let mut u = accept(&listener);
             c.write_all(b"ping").unwrap();
             let mut buf = [0u8; 4];
             u.read_exact(&mut buf).unwrap();

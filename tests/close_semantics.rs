@@ -92,7 +92,7 @@ fn upstream_resets(route_extra: &str) -> (std::io::Result<usize>, String) {
     let (listener, up) = upstream_listener();
     let proxy = Proxy::start(&one_route("rst", &[up], route_extra));
     let upstream = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept(&listener);
         let mut buf = [0u8; 5];
         s.read_exact(&mut buf).unwrap();
         socket2::SockRef::from(&s)
@@ -133,7 +133,7 @@ fn client_reset_resets_the_upstream() {
     let (listener, up) = upstream_listener();
     let proxy = Proxy::start(&one_route("crst", &[up], ""));
     let c = connect(proxy.addr("crst"));
-    let (mut s, _) = listener.accept().unwrap();
+    let mut s = accept(&listener);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     socket2::SockRef::from(&c)
         .set_linger(Some(Duration::ZERO))
@@ -185,7 +185,7 @@ fn half_close_timeout_bounds_a_pair_stuck_half_closed() {
     let (listener, up) = upstream_listener();
     let proxy = Proxy::start(&one_route("stuck", &[up], "half_close_timeout = \"1s\""));
     let mut c = connect(proxy.addr("stuck"));
-    let (mut s, _) = listener.accept().unwrap();
+    let mut s = accept(&listener);
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.shutdown(Shutdown::Write).unwrap();
     let mut buf = [0u8; 1];

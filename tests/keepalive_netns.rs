@@ -36,7 +36,7 @@ fn is_reset(r: &std::io::Result<usize>) -> bool {
 /// Establishes a pair and passes one message each way, so both sides are known good.
 fn open_pair(proxy: &Proxy, listener: &TcpListener, from: IpAddr) -> (TcpStream, TcpStream) {
     let mut c = connect_from(from, proxy.addr("ka"));
-    let (mut u, _) = listener.accept().expect("accept from proxy");
+    let mut u = accept(&listener);
     u.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     u.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     c.write_all(b"ping").unwrap();
@@ -201,7 +201,7 @@ fn fifty_silent_clients_of_a_hundred_close_exactly_their_fifty_upstreams() {
                 let from = if i < 50 { CLIENT_A } else { CLIENT_B };
                 let mut c = connect_from(from, proxy.addr("ka"));
                 c.write_all(&i.to_be_bytes()).unwrap();
-                let (mut u, _) = listener.accept().unwrap();
+                let mut u = accept(&listener);
                 let mut id = [0u8; 4];
                 u.read_exact(&mut id).unwrap();
                 assert_eq!(u32::from_be_bytes(id), i, "pairs accepted in order");

@@ -53,7 +53,7 @@ fn sixty_four_mib_each_way_at_once_arrive_intact() {
     let up_data = random(2);
     let up_digest = Sha256::digest(&up_data).to_vec();
     let upstream = thread::spawn(move || {
-        let (s, _) = listener.accept().unwrap();
+        let s = accept(&listener);
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         send_and_receive(s, up_data)
     });
@@ -88,7 +88,7 @@ fn half_closed_client_receives_the_whole_reply() {
     let reply: Vec<u8> = (0..3 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let expected = reply.clone();
     let upstream = thread::spawn(move || {
-        let (mut s, _) = listener.accept().unwrap();
+        let mut s = accept(&listener);
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         let mut request = Vec::new();
         s.read_to_end(&mut request).unwrap();

@@ -23,7 +23,7 @@ fn sigterm_refuses_new_connections_and_lets_a_live_pair_finish() {
     let addr = proxy.addr("drain");
     let mut c = connect(addr);
     c.write_all(b"req").unwrap();
-    let (mut u, _) = listener.accept().unwrap();
+    let mut u = accept(&listener);
     let mut buf = [0u8; 3];
     u.read_exact(&mut buf).unwrap();
 

@@ -274,6 +274,30 @@ pub fn upstream_listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
+/// Accepts one connection within 10 s (the proxy's connect to an upstream peer),
+/// with 20 s deadlines on its reads and writes.
+pub fn accept(listener: &TcpListener) -> TcpStream {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        match listener.accept() {
+            Ok((s, _)) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    Instant::now() < deadline,
+                    "no connection from kaproxy within 10 s"
+                );
+                thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    };
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
 /// Echo server: echoes every connection until EOF, then half-closes. Runs until the process ends.
 pub fn echo_server() -> SocketAddr {
     let (l, a) = upstream_listener();
