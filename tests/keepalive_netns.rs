@@ -36,7 +36,7 @@ fn is_reset(r: &std::io::Result<usize>) -> bool {
 /// Establishes a pair and passes one message each way, so both sides are known good.
 fn open_pair(proxy: &Proxy, listener: &TcpListener, from: IpAddr) -> (TcpStream, TcpStream) {
     let mut c = connect_from(from, proxy.addr("ka"));
-    let mut u = accept(&listener);
+    let mut u = accept(listener);
     u.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     u.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     c.write_all(b"ping").unwrap();
