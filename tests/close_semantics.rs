@@ -209,3 +209,26 @@ fn half_close_timeout_bounds_a_pair_stuck_half_closed() {
     let closes = proxy.wait_closes(1, Duration::from_secs(5));
     assert_eq!(reason(&closes[0]), "half_close_timeout");
 }
+
+#[test]
+fn host_names_are_resolved_on_connect() {
+    // "localhost" may resolve to ::1 before 127.0.0.1; the echo server listens on
+    // 127.0.0.1 only, so this also shows the addresses being tried one by one.
+    let up = echo_server();
+    let config = format!(
+        "[[route]]\nname = \"named\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"localhost:{}\"]\n",
+        up.port()
+    );
+    let proxy = Proxy::start(&config);
+    for _ in 0..3 {
+        let mut c = connect(proxy.addr("named"));
+        assert_eq!(round_trip(&mut c, b"by name").unwrap(), b"by name");
+    }
+    let closes = proxy.wait_closes(3, Duration::from_secs(5));
+    assert!(
+        closes
+            .iter()
+            .all(|c| reason(c) == "completed" && span_field(c, "upstream.addr") == up.to_string()),
+        "{closes:?}"
+    );
+}
