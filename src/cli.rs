@@ -66,7 +66,7 @@ pub struct ForwardArgs {
     /// Address to listen on, IP:PORT (port 0 picks a free port).
     #[arg(value_parser = parse_listen_arg)]
     pub listen: std::net::SocketAddr,
-    /// Upstream servers, host:port, tried round-robin.
+    /// Upstream servers, host:port, spread as --balance says.
     #[arg(required = true, value_parser = parse_server_arg)]
     pub servers: Vec<config::ServerAddr>,
     /// Client-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
