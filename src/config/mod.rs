@@ -30,6 +30,11 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 pub const DEFAULT_HALF_CLOSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Built-in admin endpoint address: loopback only, since it shows every connection.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// [`DEFAULT_ADMIN_LISTEN`] as an address.
+pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9901,
+));
 /// Built-in time live pairs get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 

@@ -554,9 +554,7 @@ fn apply_overlay(mut raw: RawConfig, overlay: RawOverlay) -> RawConfig {
 }
 
 fn default_admin() -> SocketAddr {
-    super::DEFAULT_ADMIN_LISTEN
-        .parse()
-        .expect("the built-in admin address parses")
+    super::DEFAULT_ADMIN_ADDR
 }
 
 /// Two binds that cannot both succeed: the same port with equal IPs, or with an
@@ -1364,5 +1362,9 @@ mod tests {
         assert!(!listen_conflict(a("127.0.0.1:80"), a("127.0.0.2:80")));
         assert!(!listen_conflict(a("127.0.0.1:80"), a("127.0.0.1:81")));
         assert!(!listen_conflict(a("[::]:80"), a("0.0.0.0:80")));
+        assert_eq!(
+            a(super::super::DEFAULT_ADMIN_LISTEN),
+            super::super::DEFAULT_ADMIN_ADDR
+        );
     }
 }
