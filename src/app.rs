@@ -20,15 +20,6 @@ use crate::pool::Pool;
 /// After the grace period, pairs are told to close; this bounds how long that takes.
 const KILL_WAIT: Duration = Duration::from_secs(1);
 
-/// A route that is listening.
-#[derive(Debug, Clone)]
-pub struct BoundRoute {
-    /// Route name.
-    pub name: String,
-    /// The address actually bound (port 0 resolved).
-    pub addr: SocketAddr,
-}
-
 /// A route that could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("{route}: cannot listen on {addr}: {source}")]
@@ -44,7 +35,6 @@ pub struct StartError {
 /// The running proxy.
 #[derive(Debug)]
 pub struct App {
-    bound: Vec<BoundRoute>,
     shutdown_grace: Duration,
     stop_accepting: CancellationToken,
     /// The admin endpoint outlives the drain, so it can be watched.
@@ -81,7 +71,6 @@ impl App {
         }
 
         let app = App {
-            bound: Vec::new(),
             shutdown_grace: config.shutdown_grace,
             stop_accepting: CancellationToken::new(),
             stop_admin: CancellationToken::new(),
@@ -102,7 +91,7 @@ impl App {
                 let bound = listener.local_addr().map_err(fail)?;
                 // Logged before the routes' lines, so whoever waits for those has this one too.
                 tracing::info!(address = %bound, "admin listening");
-                Some((listener, bound))
+                Some(listener)
             }
             None => None,
         };
@@ -110,7 +99,6 @@ impl App {
         let registry = Arc::new(Registry::default());
         let mut admin_routes = Vec::new();
         let ids = Arc::new(AtomicU64::new(1));
-        let mut bound = Vec::new();
         for (route, (listener, addr)) in config.routes.into_iter().zip(listeners) {
             let servers: Vec<String> = route
                 .upstream
@@ -119,10 +107,6 @@ impl App {
                 .map(|s| s.addr.to_string())
                 .collect();
             tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
-            bound.push(BoundRoute {
-                name: route.name.clone(),
-                addr,
-            });
             let health_check = route.upstream.health_check.clone();
             metrics.register_route(&route.name);
             let state = Arc::new(RouteState {
@@ -152,7 +136,7 @@ impl App {
                 app.kill_pairs.clone(),
             ));
         }
-        if let Some((listener, _)) = admin_listener {
+        if let Some(listener) = admin_listener {
             let state = Arc::new(AdminState {
                 draining: app.stop_accepting.clone(),
                 routes: admin_routes,
@@ -162,12 +146,7 @@ impl App {
             app.admin
                 .spawn(admin::serve(listener, state, app.stop_admin.clone()));
         }
-        Ok(App { bound, ..app })
-    }
-
-    /// The routes and the addresses they bound.
-    pub fn bound(&self) -> &[BoundRoute] {
-        &self.bound
+        Ok(app)
     }
 
     /// Stops accepting on every route at once, lets live pairs finish for the

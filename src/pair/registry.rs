@@ -124,16 +124,6 @@ impl Registry {
         Registration { registry: self, id }
     }
 
-    /// Number of live pairs.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// Whether no pair is live.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Up to `limit` live pairs (of `route` if given), oldest first, with TCP_INFO
     /// read now; and how many more matched.
     pub fn snapshot(&self, route: Option<&str>, limit: usize) -> (Vec<PairView>, usize) {
