@@ -282,11 +282,6 @@ impl Pool {
         tracing::info!(route = %self.route, server = %self.servers[i].spec.addr, state, reason, "server state changed");
     }
 
-    /// Route name.
-    pub fn route(&self) -> &str {
-        &self.route
-    }
-
     /// Whether any server may get new connections now.
     pub fn any_up(&self) -> bool {
         (0..self.servers.len()).any(|i| self.view(i).state == "up")
