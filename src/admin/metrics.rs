@@ -59,6 +59,16 @@ fn detection_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.5, 2.0, 15))
 }
 
+/// `kaproxy_bytes_total` of one route, counted as bytes are relayed so that
+/// long-lived pairs show their traffic while it flows.
+#[derive(Debug, Clone, Default)]
+pub struct RouteBytes {
+    /// Written to the upstream.
+    pub client_to_upstream: Counter,
+    /// Written to the client.
+    pub upstream_to_client: Counter,
+}
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -115,7 +125,11 @@ impl Metrics {
             "Pairs closed, by close reason",
             m.pairs_closed.clone(),
         );
-        registry.register("bytes", "Bytes relayed, by direction", m.bytes.clone());
+        registry.register(
+            "bytes",
+            "Bytes relayed, by direction, counted as they are written",
+            m.bytes.clone(),
+        );
         registry.register(
             "upstream_connect_failures",
             "Failed connect attempts to an upstream server",
@@ -173,14 +187,29 @@ impl Metrics {
         self.pairs_active.get_or_create(&Self::route(route)).inc();
     }
 
+    /// The byte counters of a route, resolved once so that relaying counts
+    /// every byte as it passes without a label lookup.
+    pub fn route_bytes(&self, route: &str) -> RouteBytes {
+        let get = |direction| {
+            self.bytes
+                .get_or_create(&DirectionLabels {
+                    route: route.to_string(),
+                    direction,
+                })
+                .clone()
+        };
+        RouteBytes {
+            client_to_upstream: get("client_to_upstream"),
+            upstream_to_client: get("upstream_to_client"),
+        }
+    }
+
     /// A pair ended; `detection` is the time since the dead side last sent data.
     pub fn pair_closed(
         &self,
         route: &str,
         reason: CloseReason,
         seconds: f64,
-        c2u: u64,
-        u2c: u64,
         detection: Option<(Side, f64)>,
     ) {
         self.pairs_active.get_or_create(&Self::route(route)).dec();
@@ -190,14 +219,6 @@ impl Metrics {
                 reason: reason.as_str(),
             })
             .inc();
-        for (direction, n) in [("client_to_upstream", c2u), ("upstream_to_client", u2c)] {
-            self.bytes
-                .get_or_create(&DirectionLabels {
-                    route: route.to_string(),
-                    direction,
-                })
-                .inc_by(n);
-        }
         self.pair_duration
             .get_or_create(&Self::route(route))
             .observe(seconds);

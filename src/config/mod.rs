@@ -219,16 +219,24 @@ impl OnPeerFailure {
     }
 }
 
-/// TCP_USER_TIMEOUT setting of one side.
+/// How long a side may leave sent data unacknowledged before it is declared dead.
+///
+/// kaproxy enforces it itself, from TCP_INFO, instead of handing it to the
+/// kernel as TCP_USER_TIMEOUT: since Linux 5.11 that option also ends a
+/// connection whose peer is alive and answers zero-window probes but does not
+/// read, which would call a slow reader dead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UserTimeout {
     /// idle + interval × probes when keepalive is on, off otherwise.
     Auto,
-    /// Not set (kernel retransmission limits apply, about 15 minutes).
+    /// Not enforced (kernel retransmission limits apply, about 15 minutes).
     Off,
     /// This value.
     Fixed(Duration),
 }
+
+/// Largest `user_timeout`: what TCP_USER_TIMEOUT itself could hold (2³¹−1 ms, about 24.8 days).
+pub const MAX_USER_TIMEOUT: Duration = Duration::from_millis(i32::MAX as u64);
 
 /// Keepalive settings of one side, already checked against what the kernel accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,8 +249,11 @@ pub struct KeepaliveSpec {
     pub interval: Duration,
     /// TCP_KEEPCNT, 1..=127.
     pub probes: u32,
-    /// TCP_USER_TIMEOUT.
+    /// Bound on unacknowledged data from a silent peer (see [`UserTimeout`]).
     pub user_timeout: UserTimeout,
+    /// A peer that is alive but accepts no data for this long is closed as
+    /// stalled; `None` (the default) leaves slow readers alone.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for KeepaliveSpec {
@@ -253,6 +264,7 @@ impl Default for KeepaliveSpec {
             interval: DEFAULT_KEEPALIVE_INTERVAL,
             probes: DEFAULT_KEEPALIVE_PROBES,
             user_timeout: UserTimeout::Auto,
+            stall_timeout: None,
         }
     }
 }
@@ -265,7 +277,8 @@ impl KeepaliveSpec {
             .then(|| self.idle + self.interval * self.probes)
     }
 
-    /// The TCP_USER_TIMEOUT value to set, `None` for off.
+    /// How long a peer with data in flight may stay silent (no ACK at all)
+    /// before it is declared dead; `None` for off.
     pub fn effective_user_timeout(&self) -> Option<Duration> {
         match self.user_timeout {
             UserTimeout::Auto => self.detection_bound(),

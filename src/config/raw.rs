@@ -117,6 +117,7 @@ pub struct RawKeepalive {
     pub interval: Option<SStr>,
     pub probes: Option<Spanned<i64>>,
     pub user_timeout: Option<SStr>,
+    pub stall_timeout: Option<SStr>,
 }
 
 /// Settings from the environment (see `env.rs`), routes keyed by name.
@@ -186,7 +187,7 @@ merge_struct!(RawUpstream {
     tables: [keepalive, health_check, passive_ejection]
 });
 merge_struct!(RawKeepalive {
-    values: [enabled, idle, interval, probes, user_timeout],
+    values: [enabled, idle, interval, probes, user_timeout, stall_timeout],
     tables: []
 });
 merge_struct!(RawHealthCheck {

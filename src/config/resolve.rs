@@ -11,12 +11,18 @@ use super::{
     Balance, ClientSpec, Config, ConfigError, Ejection, HealthCheck, HealthKind, KeepaliveSpec,
     Location, OnPeerFailure, Route, Server, ServerAddr, StatusMatch, UpstreamSpec, UserTimeout,
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    MAX_USER_TIMEOUT,
 };
 
 /// Largest TCP_KEEPIDLE / TCP_KEEPINTVL Linux accepts (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL).
 const MAX_KEEPALIVE_SECS: u64 = 32767;
 /// Largest TCP_KEEPCNT Linux accepts (MAX_TCP_KEEPCNT).
 const MAX_KEEPALIVE_PROBES: i64 = 127;
+
+/// Longest duration any setting takes. Every timer is added to the current
+/// time, and a year is far beyond any sensible timeout while keeping that sum
+/// far from overflowing.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 const DURATION_HINT: &str = "write a duration such as \"90s\", \"1m30s\" or \"500ms\"";
 
@@ -85,6 +91,7 @@ struct KeepaliveLayer {
     interval: Option<Duration>,
     probes: Option<u32>,
     user_timeout: Option<UserTimeout>,
+    stall_timeout: Option<Option<Duration>>,
 }
 
 impl KeepaliveLayer {
@@ -96,6 +103,7 @@ impl KeepaliveLayer {
             interval: self.interval.or(lower.interval),
             probes: self.probes.or(lower.probes),
             user_timeout: self.user_timeout.or(lower.user_timeout),
+            stall_timeout: self.stall_timeout.or(lower.stall_timeout),
         }
     }
 
@@ -107,6 +115,7 @@ impl KeepaliveLayer {
             interval: self.interval.unwrap_or(d.interval),
             probes: self.probes.unwrap_or(d.probes),
             user_timeout: self.user_timeout.unwrap_or(d.user_timeout),
+            stall_timeout: self.stall_timeout.unwrap_or(d.stall_timeout),
         }
     }
 }
@@ -465,11 +474,26 @@ pub(super) fn resolve(
             &at("upstream"),
         )?;
 
+        let client_keepalive = layer.client.over(defaults.client).finish();
+        let upstream_keepalive = layer.upstream.over(defaults.upstream).finish();
+        for (side, spec) in [
+            ("client", &client_keepalive),
+            ("upstream", &upstream_keepalive),
+        ] {
+            if let Err((problem, hint)) = check_auto_user_timeout(spec) {
+                return ctx.err(
+                    route_span.clone(),
+                    &at(&format!("{side}.keepalive.user_timeout")),
+                    problem,
+                    hint,
+                );
+            }
+        }
         routes.push(Route {
             name,
             listen,
             client: ClientSpec {
-                keepalive: layer.client.over(defaults.client).finish(),
+                keepalive: client_keepalive,
             },
             upstream: UpstreamSpec {
                 servers,
@@ -481,7 +505,7 @@ pub(super) fn resolve(
                     .connect_timeout
                     .or(defaults.connect_timeout)
                     .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-                keepalive: layer.upstream.over(defaults.upstream).finish(),
+                keepalive: upstream_keepalive,
             },
             idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
             half_close_timeout: layer
@@ -645,14 +669,23 @@ fn field_at(text: &str, offset: usize, snippet: &str) -> String {
 
 fn parse_duration(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<Duration, ConfigError> {
     let v = s.get_ref().trim();
-    humantime::parse_duration(v).or_else(|e| {
+    let d = humantime::parse_duration(v).or_else(|e| {
         ctx.err(
             s.span(),
             field,
             format!("{v:?} is not a duration ({e})"),
             DURATION_HINT,
         )
-    })
+    })?;
+    if d > MAX_DURATION {
+        return ctx.err(
+            s.span(),
+            field,
+            format!("{v:?} is longer than the longest supported duration, 365 days"),
+            "write at most \"365d\"; where a timer can be turned off, \"off\" means no limit",
+        );
+    }
+    Ok(d)
 }
 
 /// `"0s"` or `"off"` turn the timer off.
@@ -722,12 +755,18 @@ fn keepalive_layer(
         },
         None => None,
     };
+    let stall_timeout = raw
+        .stall_timeout
+        .as_ref()
+        .map(|s| off_or_duration(ctx, s, &format!("{field}.stall_timeout")))
+        .transpose()?;
     Ok(KeepaliveLayer {
         enabled: raw.enabled.as_ref().map(|b| *b.get_ref()),
         idle,
         interval,
         probes,
         user_timeout,
+        stall_timeout,
     })
 }
 
@@ -767,6 +806,30 @@ fn check_probes(n: i64) -> Result<u32, Problem> {
     }
 }
 
+fn user_timeout_range_hint() -> String {
+    format!(
+        "user_timeout takes at most {}ms (about 24.8 days), the range of TCP_USER_TIMEOUT",
+        MAX_USER_TIMEOUT.as_millis()
+    )
+}
+
+/// `auto` is computed after inheritance, so its range is checked on the finished spec.
+fn check_auto_user_timeout(spec: &KeepaliveSpec) -> Result<(), Problem> {
+    match (spec.user_timeout, spec.effective_user_timeout()) {
+        (UserTimeout::Auto, Some(d)) if d > MAX_USER_TIMEOUT => Err((
+            format!(
+                "user_timeout auto = idle + interval × probes = {} is out of range",
+                super::fmt_duration(d)
+            ),
+            format!(
+                "{}; shorten idle, interval or probes, or set user_timeout explicitly",
+                user_timeout_range_hint()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn parse_user_timeout(s: &str) -> Result<UserTimeout, Problem> {
     let hint = || {
         "use \"auto\" (idle + interval × probes), \"off\", or a duration in whole milliseconds such as \"30s\" or \"2500ms\"".to_string()
@@ -794,10 +857,10 @@ fn parse_user_timeout(s: &str) -> Result<UserTimeout, Problem> {
             hint(),
         ));
     }
-    if d.as_millis() > u128::from(u32::MAX) {
+    if d > MAX_USER_TIMEOUT {
         return Err((
             format!("{} is out of range", super::fmt_duration(d)),
-            "TCP_USER_TIMEOUT takes at most 4294967295ms (about 49 days)".to_string(),
+            user_timeout_range_hint(),
         ));
     }
     Ok(UserTimeout::Fixed(d))
@@ -1222,8 +1285,8 @@ pub fn parse_server(s: &str) -> Result<ServerAddr, String> {
     })
 }
 
-/// Parses the command-line keepalive shorthand `IDLE/INTERVAL/PROBES[/USER_TIMEOUT]`
-/// (e.g. `60s/10s/3`, `30s/5s/3/off`) or `off`, with the same checks as the file.
+/// Parses the command-line keepalive shorthand `IDLE/INTERVAL/PROBES[/USER_TIMEOUT[/STALL_TIMEOUT]]`
+/// (e.g. `60s/10s/3`, `30s/5s/3/off`, `30s/5s/3/auto/5m`) or `off`, with the same checks as the file.
 pub fn parse_keepalive_shorthand(s: &str) -> Result<KeepaliveSpec, String> {
     let s = s.trim();
     if s == "off" {
@@ -1233,8 +1296,8 @@ pub fn parse_keepalive_shorthand(s: &str) -> Result<KeepaliveSpec, String> {
         });
     }
     let parts: Vec<&str> = s.split('/').collect();
-    if !(3..=4).contains(&parts.len()) {
-        return Err(format!("{s:?} is not IDLE/INTERVAL/PROBES[/USER_TIMEOUT], e.g. 60s/10s/3 or 30s/5s/3/auto, or off"));
+    if !(3..=5).contains(&parts.len()) {
+        return Err(format!("{s:?} is not IDLE/INTERVAL/PROBES[/USER_TIMEOUT[/STALL_TIMEOUT]], e.g. 60s/10s/3, 30s/5s/3/auto or 30s/5s/3/auto/5m, or off"));
     }
     let dur = |v: &str, name: &str, opt: &str| -> Result<Duration, String> {
         let d = humantime::parse_duration(v)
@@ -1252,13 +1315,27 @@ pub fn parse_keepalive_shorthand(s: &str) -> Result<KeepaliveSpec, String> {
         Some(u) => parse_user_timeout(u).map_err(|(p, h)| format!("user_timeout {p}; {h}"))?,
         None => UserTimeout::Auto,
     };
-    Ok(KeepaliveSpec {
+    let stall_timeout = match parts.get(4).map(|v| v.trim()) {
+        None | Some("off") => None,
+        Some(v) => {
+            let d = humantime::parse_duration(v)
+                .map_err(|e| format!("stall_timeout {v:?} is not a duration ({e})"))?;
+            if d > MAX_DURATION {
+                return Err(format!("stall_timeout {v:?} is longer than 365 days"));
+            }
+            (!d.is_zero()).then_some(d)
+        }
+    };
+    let spec = KeepaliveSpec {
         enabled: true,
         idle,
         interval,
         probes,
         user_timeout,
-    })
+        stall_timeout,
+    };
+    check_auto_user_timeout(&spec).map_err(|(p, h)| format!("{p}; {h}"))?;
+    Ok(spec)
 }
 
 #[cfg(test)]

@@ -4,9 +4,11 @@
 //! Linux semantics relied on (tcp(7)):
 //! - TCP_KEEPIDLE / TCP_KEEPINTVL are whole seconds, TCP_KEEPCNT a count; the
 //!   config layer has already refused values the kernel would round or reject.
-//! - TCP_USER_TIMEOUT bounds how long sent data may stay unacknowledged; it is the
-//!   only thing that notices a dead peer while data is in flight, because the
-//!   keepalive timer does not run while retransmissions are pending.
+//! - The keepalive timer does not run while sent data is unacknowledged or
+//!   queued, so a peer that vanishes with data in flight is found from TCP_INFO
+//!   instead (see `pair::watchdog`). TCP_USER_TIMEOUT is left at 0: since Linux
+//!   5.11 it also ends connections whose peer answers zero-window probes but
+//!   does not read, and with keepalive it replaces the probe count.
 //! - SO_LINGER with a zero timeout makes close() send RST instead of FIN.
 
 use std::io;
@@ -37,6 +39,9 @@ pub struct AppliedKeepalive {
 
 /// Applies one side's keepalive spec and TCP_NODELAY, then reads the values back:
 /// a socket that does not hold what the config promised is an error.
+///
+/// TCP_USER_TIMEOUT is not set (and is checked to be off): kaproxy enforces
+/// `user_timeout` itself so that a live peer that is slow to read is not taken for dead.
 pub fn apply_side<S>(socket: &S, spec: &KeepaliveSpec) -> io::Result<()>
 where
     S: std::os::fd::AsFd,
@@ -51,10 +56,9 @@ where
             .with_retries(spec.probes);
         sock.set_tcp_keepalive(&params)?;
     }
-    sock.set_tcp_user_timeout(spec.effective_user_timeout())?;
 
     let got = read_keepalive(socket)?;
-    let user_timeout_ok = got.user_timeout == spec.effective_user_timeout();
+    let user_timeout_ok = got.user_timeout.is_none();
     let keepalive_ok = got.enabled == spec.enabled
         && (!spec.enabled
             || (got.idle == spec.idle
@@ -83,6 +87,51 @@ where
     })
 }
 
+/// What TCP_INFO says about the data a socket is sending: enough to tell a
+/// peer that is silent from one that is alive but not reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendState {
+    /// Segments sent and not yet acknowledged (tcpi_unacked).
+    pub unacked: u32,
+    /// Bytes written by kaproxy and not yet sent (tcpi_notsent_bytes).
+    pub notsent: u32,
+    /// Bytes the peer has acknowledged over the connection's life (tcpi_bytes_acked).
+    pub bytes_acked: u64,
+    /// Time since the peer last sent an ACK of any kind, window-probe answers included.
+    pub since_last_ack: Duration,
+    /// Zero-window probes sent and not answered since the last ACK (tcpi_probes).
+    pub unanswered_probes: u8,
+    /// The peer's advertised receive window; `None` on kernels older than 5.4,
+    /// whose TCP_INFO does not carry it.
+    pub send_window: Option<u32>,
+}
+
+impl SendState {
+    /// Whether the socket holds data the peer has not acknowledged yet.
+    pub fn outstanding(&self) -> bool {
+        self.unacked > 0 || self.notsent > 0
+    }
+}
+
+/// Reads the sending state of `socket` from TCP_INFO.
+pub fn send_state<S>(socket: &S) -> io::Result<SendState>
+where
+    S: std::os::fd::AsFd,
+{
+    use std::os::fd::AsRawFd;
+    // The borrow of `socket` keeps the descriptor open for the call.
+    let (info, len) = raw::tcp_info(socket.as_fd().as_raw_fd())?;
+    let window_end = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd) + 4;
+    Ok(SendState {
+        unacked: info.tcpi_unacked,
+        notsent: info.tcpi_notsent_bytes,
+        bytes_acked: info.tcpi_bytes_acked,
+        since_last_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
+        unanswered_probes: info.tcpi_probes,
+        send_window: (len >= window_end).then_some(info.tcpi_snd_wnd),
+    })
+}
+
 /// Makes the next close() send RST (SO_LINGER 0), so the peer sees a broken
 /// connection instead of a clean end of stream it might take for a full response.
 pub fn reset_on_close<S>(socket: &S) -> io::Result<()>
@@ -90,6 +139,31 @@ where
     S: std::os::fd::AsFd,
 {
     SockRef::from(socket).set_linger(Some(Duration::ZERO))
+}
+
+/// Throws away up to `limit` bytes already received on `socket`, without
+/// blocking and without copying them (MSG_TRUNC). Linux answers close() with
+/// RST instead of FIN while unread data is queued, so a close meant to be a
+/// FIN drains first. Returns whether nothing is left to read.
+pub fn discard_unread<S>(socket: &S, limit: usize) -> bool
+where
+    S: std::os::fd::AsFd,
+{
+    const CHUNK: usize = 64 * 1024;
+    let sock = SockRef::from(socket);
+    let mut scratch = vec![std::mem::MaybeUninit::<u8>::uninit(); CHUNK.min(limit.max(1))];
+    let mut left = limit;
+    loop {
+        match sock.recv_with_flags(&mut scratch, libc::MSG_DONTWAIT | libc::MSG_TRUNC) {
+            Ok(0) => return true,
+            Ok(n) => left = left.saturating_sub(n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return e.kind() == io::ErrorKind::WouldBlock,
+        }
+        if left == 0 {
+            return false;
+        }
+    }
 }
 
 /// Sends FIN on the write half while the read half stays open (half-close).
@@ -173,7 +247,7 @@ pub struct KeepaliveInForce {
 /// `fd` must be open for the duration of the call; the pair registry guarantees
 /// it by holding its lock, which pairs take to unregister before they close.
 pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
-    let info = raw::tcp_info(fd)?;
+    let (info, _) = raw::tcp_info(fd)?;
     let ka = read_keepalive(&raw::Borrowed(fd))?;
     Ok(SocketSnapshot {
         state: tcp_state_name(info.tcpi_state),
@@ -241,7 +315,8 @@ mod raw {
         }
     }
 
-    pub fn tcp_info(fd: RawFd) -> io::Result<libc::tcp_info> {
+    /// TCP_INFO and how many bytes of it the kernel filled in (older kernels fill less).
+    pub fn tcp_info(fd: RawFd) -> io::Result<(libc::tcp_info, usize)> {
         // SAFETY: tcp_info is plain old data; zeroes are a valid value.
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
@@ -259,6 +334,6 @@ mod raw {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(info)
+        Ok((info, len as usize))
     }
 }

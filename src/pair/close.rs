@@ -20,6 +20,14 @@ impl Side {
             Side::Upstream => "upstream",
         }
     }
+
+    /// The opposite side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Client => Side::Upstream,
+            Side::Upstream => Side::Client,
+        }
+    }
 }
 
 /// An I/O error together with the side whose socket produced it.
@@ -47,7 +55,7 @@ pub enum CloseReason {
     ClientDead,
     /// The upstream failed keepalive probes or TCP_USER_TIMEOUT, or became unreachable.
     UpstreamDead,
-    /// The client reset the connection (ECONNRESET, EPIPE).
+    /// The client reset the connection (ECONNRESET, EPIPE, or ENOTCONN once reset).
     ClientReset,
     /// The upstream reset the connection.
     UpstreamReset,
@@ -61,6 +69,10 @@ pub enum CloseReason {
     HalfCloseTimeout,
     /// No upstream server accepted a connection.
     ConnectFailed,
+    /// The client was alive but accepted no data for its `stall_timeout`.
+    ClientStalled,
+    /// The upstream was alive but accepted no data for its `stall_timeout`.
+    UpstreamStalled,
     /// kaproxy shut down before the pair finished.
     Shutdown,
 }
@@ -79,8 +91,39 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::HalfCloseTimeout => "half_close_timeout",
             CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::ClientStalled => "client_stalled",
+            CloseReason::UpstreamStalled => "upstream_stalled",
             CloseReason::Shutdown => "shutdown",
         }
+    }
+
+    /// `*_dead` for `side`.
+    pub fn dead(side: Side) -> CloseReason {
+        match side {
+            Side::Client => CloseReason::ClientDead,
+            Side::Upstream => CloseReason::UpstreamDead,
+        }
+    }
+
+    /// `*_stalled` for `side`.
+    pub fn stalled(side: Side) -> CloseReason {
+        match side {
+            Side::Client => CloseReason::ClientStalled,
+            Side::Upstream => CloseReason::UpstreamStalled,
+        }
+    }
+
+    /// Whether the pair was cut by kaproxy itself (a timer or shutdown) while a
+    /// stream may still have been under way: such a close always resets, so
+    /// that no peer takes the cut for a complete stream.
+    pub fn is_cut(self) -> bool {
+        matches!(
+            self,
+            CloseReason::HalfCloseTimeout
+                | CloseReason::Shutdown
+                | CloseReason::ClientStalled
+                | CloseReason::UpstreamStalled
+        )
     }
 
     /// The side a `*_dead` reason declares dead, from whose last data the
@@ -115,6 +158,18 @@ impl fmt::Display for CloseReason {
     }
 }
 
+/// The error to blame on `side` after an operation on `socket` failed with
+/// `error`: the socket's pending error (SO_ERROR) when it has one, since that is
+/// the cause (ECONNRESET, ETIMEDOUT) where the call's own error is only a
+/// consequence (EPIPE, ENOTCONN).
+pub fn blame(side: Side, socket: &tokio::net::TcpStream, error: io::Error) -> SideError {
+    let error = match socket.take_error() {
+        Ok(Some(pending)) => pending,
+        _ => error,
+    };
+    SideError { side, error }
+}
+
 /// Maps a side's I/O error to a close reason.
 ///
 /// ETIMEDOUT is what the kernel reports when keepalive probes go unanswered or
@@ -131,11 +186,14 @@ pub fn classify(err: &SideError) -> CloseReason {
                 | libc::ENETDOWN
         )
     );
+    // ENOTCONN: the connection is already gone (a reset whose SO_ERROR was
+    // consumed elsewhere); a FIN never causes it.
     let reset = matches!(
         err.error.kind(),
         io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NotConnected
     );
     match (err.side, dead, reset) {
         (Side::Client, true, _) => CloseReason::ClientDead,
@@ -171,6 +229,10 @@ mod tests {
         );
         assert_eq!(os(Side::Client, libc::ECONNRESET), CloseReason::ClientReset);
         assert_eq!(os(Side::Upstream, libc::EPIPE), CloseReason::UpstreamReset);
+        assert_eq!(
+            os(Side::Upstream, libc::ENOTCONN),
+            CloseReason::UpstreamReset
+        );
         assert_eq!(os(Side::Client, libc::EINVAL), CloseReason::ClientError);
         assert_eq!(
             os(Side::Upstream, libc::ENOBUFS),

@@ -1,8 +1,10 @@
 //! The pair task: client options, upstream connect, relay, then one close event.
 
 pub mod close;
+mod direction;
 pub mod registry;
 pub mod relay;
+pub mod watchdog;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,13 +15,18 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::admin::metrics::Metrics;
+use crate::admin::metrics::{Metrics, RouteBytes};
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use close::{CloseReason, Side, SideError};
 use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
+use watchdog::WatchSpec;
+
+/// How much unread input a FIN close throws away first: Linux answers close()
+/// with RST while unread data is queued, which would defeat the FIN.
+const DRAIN_BEFORE_FIN: usize = 1024 * 1024;
 
 /// Shared per-route state the pair tasks read.
 #[derive(Debug)]
@@ -36,6 +43,8 @@ pub struct RouteState {
     pub registry: Arc<Registry>,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+    /// This route's byte counters, resolved once.
+    pub bytes: RouteBytes,
 }
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
@@ -108,8 +117,10 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
     let limits = RelayLimits {
         idle_timeout: r.idle_timeout,
         half_close_timeout: r.half_close_timeout,
+        client_watch: WatchSpec::of(&r.client.keepalive),
+        upstream_watch: WatchSpec::of(&r.upstream.keepalive),
     };
-    let end = relay::relay(&client, up, &limits, &stats, &cancel).await;
+    let end = relay::relay(&client, up, &limits, &stats, &route.bytes, &cancel).await;
     close.finish(registration, &client, Some(up), &end, None);
 }
 
@@ -132,12 +143,16 @@ impl Close<'_> {
         detail: Option<String>,
     ) {
         drop(registration);
-        // A stream cut short must not look like a complete one to the survivor, so
-        // failures, half-close timeouts and shutdown cuts RST by default; an idle
-        // timeout or a completed pair has nothing in flight and closes with FIN.
+        // A stream cut short must never look complete to a survivor. Completed
+        // and idle pairs have nothing waiting (idle never fires while data
+        // waits) and close with FIN. Cuts by kaproxy itself (half-close
+        // timeout, stall, shutdown) always RST. After a peer failure the
+        // survivor gets what on_peer_failure says, except that data kaproxy
+        // could not deliver forces a RST.
         let abrupt = match end.reason {
             CloseReason::Completed | CloseReason::IdleTimeout => false,
-            _ => self.route.route.on_peer_failure == OnPeerFailure::Reset,
+            reason if reason.is_cut() => true,
+            _ => self.route.route.on_peer_failure == OnPeerFailure::Reset || end.undelivered,
         };
         let failed = end.reason.failed_side();
         for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
@@ -147,6 +162,11 @@ impl Close<'_> {
                 if let Err(e) = sockopt::reset_on_close(sock) {
                     tracing::debug!(side = side.as_str(), error = %e, "could not set SO_LINGER 0");
                 }
+            } else if !sockopt::discard_unread(sock, DRAIN_BEFORE_FIN) {
+                tracing::debug!(
+                    side = side.as_str(),
+                    "more unread input than the drain limit: Linux will send RST, not FIN"
+                );
             }
         }
         let stats = self.stats;
@@ -157,14 +177,9 @@ impl Close<'_> {
             .reason
             .dead_side()
             .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
-        self.route.metrics.pair_closed(
-            &self.route.name,
-            end.reason,
-            age.as_secs_f64(),
-            c2u,
-            u2c,
-            detection,
-        );
+        self.route
+            .metrics
+            .pair_closed(&self.route.name, end.reason, age.as_secs_f64(), detection);
         let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
         tracing::info!(
             reason = end.reason.as_str(),

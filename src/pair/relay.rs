@@ -1,14 +1,21 @@
-//! Both directions of a pair, in one task, with half-close, timers and side-tagged errors.
+//! Both directions of a pair, in one task: half-close, an error watch on each
+//! socket for the whole life of the pair, the dead/stalled watchdog, and the
+//! idle and half-close timers.
 //!
-//! Buffers are allocated when a socket turns readable and dropped as soon as a
-//! read would block, so an idle pair holds no relay buffer at all: the cost of
-//! an idle pair is its task and its two sockets.
+//! Rules every path keeps:
+//! - A socket's error is noticed whatever the other direction is doing: each
+//!   socket has its own error watch, not only the direction reading from it.
+//! - Timers measure silence. A direction with data still waiting for its
+//!   receiver is not silent, so neither `idle_timeout` nor `half_close_timeout`
+//!   ever cuts it; a slow reader is bounded by `stall_timeout` only.
+//! - An idle pair holds no relay buffer and no timer allocation beyond what
+//!   its configured timers need.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::Interest;
@@ -17,20 +24,22 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::close::{classify, CloseReason, Side, SideError};
+use super::direction::{Direction, Io};
+use super::watchdog::{SideWatch, Verdict, WatchSpec};
+use crate::admin::metrics::RouteBytes;
 use crate::net::sockopt;
-use crate::net::splice::{self, Pipe};
 
-/// Size of a relay buffer while data flows. 64 KiB keeps syscalls per byte low
-/// on bulk transfers; it is only held while a socket has data to read.
-const RELAY_BUFFER: usize = 64 * 1024;
-
-/// Timers of one pair.
+/// Timers and watchdogs of one pair.
 #[derive(Debug, Clone, Copy)]
 pub struct RelayLimits {
-    /// Close after this long with no byte either way.
+    /// Close after this long with no byte either way and nothing waiting.
     pub idle_timeout: Option<Duration>,
-    /// Close after this long half-closed.
+    /// Close a half-closed pair whose open direction carries nothing for this long.
     pub half_close_timeout: Option<Duration>,
+    /// Dead/stalled judgement of the client side.
+    pub client_watch: WatchSpec,
+    /// Dead/stalled judgement of the upstream side.
+    pub upstream_watch: WatchSpec,
 }
 
 /// Counters a pair updates while relaying; read at close time.
@@ -61,7 +70,7 @@ impl RelayStats {
         }
     }
 
-    fn touch(&self, from: Side) {
+    pub(super) fn touch(&self, from: Side) {
         let ms = self.started.elapsed().as_millis() as u64;
         self.last_activity_ms.store(ms, Ordering::Relaxed);
         let side = match from {
@@ -73,6 +82,15 @@ impl RelayStats {
 
     fn last_activity(&self) -> Instant {
         self.started + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed))
+    }
+
+    /// When data from `side` was last relayed (the pair's start if never).
+    fn last_from(&self, side: Side) -> Instant {
+        let ms = match side {
+            Side::Client => &self.last_from_client_ms,
+            Side::Upstream => &self.last_from_upstream_ms,
+        };
+        self.started + Duration::from_millis(ms.load(Ordering::Relaxed))
     }
 
     /// How long the pair has existed.
@@ -87,11 +105,7 @@ impl RelayStats {
 
     /// Time since data last came from `side` (since the pair began if it never sent any).
     pub fn since_data_from(&self, side: Side) -> Duration {
-        let ms = match side {
-            Side::Client => &self.last_from_client_ms,
-            Side::Upstream => &self.last_from_upstream_ms,
-        };
-        (self.started + Duration::from_millis(ms.load(Ordering::Relaxed))).elapsed()
+        self.last_from(side).elapsed()
     }
 }
 
@@ -108,6 +122,9 @@ pub struct RelayEnd {
     pub reason: CloseReason,
     /// The error behind a failure reason.
     pub error: Option<SideError>,
+    /// kaproxy still held data it had read and not delivered: the receiver
+    /// must not be told the stream ended cleanly.
+    pub undelivered: bool,
 }
 
 impl RelayEnd {
@@ -116,6 +133,7 @@ impl RelayEnd {
         RelayEnd {
             reason,
             error: None,
+            undelivered: false,
         }
     }
 
@@ -124,278 +142,324 @@ impl RelayEnd {
         RelayEnd {
             reason: classify(&error),
             error: Some(error),
+            undelivered: false,
         }
+    }
+
+    fn with_undelivered(mut self, undelivered: bool) -> RelayEnd {
+        self.undelivered = undelivered;
+        self
     }
 }
 
-fn other(side: Side) -> Side {
-    match side {
-        Side::Client => Side::Upstream,
-        Side::Upstream => Side::Client,
-    }
+/// `t + d`, or a time too far to matter where that would overflow.
+fn after(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d)
+        .unwrap_or_else(|| t + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// Relays until both directions end, one side fails, a timer fires or `cancel` is triggered.
 ///
 /// A hand-written future rather than nested async blocks: waiting on socket
 /// readiness through `poll_read_ready`/`poll_write_ready` stores nothing in the
-/// future, so an idle pair's task stays small. Timers and the half-close error
-/// watch are boxed and exist only while they are needed.
+/// future, so an idle pair's task stays small. The one timer is boxed and
+/// exists only while some timer or watchdog is due.
 pub fn relay<'a>(
     client: &'a TcpStream,
     upstream: &'a TcpStream,
     limits: &'a RelayLimits,
     stats: &'a RelayStats,
+    bytes: &'a RouteBytes,
     cancel: &'a CancellationToken,
-) -> Relay<'a> {
+) -> impl Future<Output = RelayEnd> + Send + 'a {
     Relay {
         client,
         upstream,
         limits,
         stats,
+        bytes,
         c2u: Direction::default(),
         u2c: Direction::default(),
-        idle_timer: limits
-            .idle_timeout
-            .map(|d| Box::pin(sleep_until(Instant::now() + d))),
-        half_close_timer: None,
-        error_watch: None,
+        client_watch: SideWatch::default(),
+        upstream_watch: SideWatch::default(),
+        timer: None,
+        half_closed_at: None,
+        idle_hold: None,
+        half_close_hold: None,
+        client_error: socket_error(client, Side::Client),
+        upstream_error: socket_error(upstream, Side::Upstream),
         cancelled: cancel.cancelled(),
     }
 }
 
 pin_project_lite::pin_project! {
     /// The relay future of one pair; see [`relay`].
-    pub struct Relay<'a> {
+    struct Relay<'a, W> {
         client: &'a TcpStream,
         upstream: &'a TcpStream,
         limits: &'a RelayLimits,
         stats: &'a RelayStats,
+        bytes: &'a RouteBytes,
         c2u: Direction,
         u2c: Direction,
-        idle_timer: Option<Pin<Box<Sleep>>>,
-        half_close_timer: Option<Pin<Box<Sleep>>>,
-        error_watch: Option<Pin<Box<dyn Future<Output = SideError> + Send + 'a>>>,
+        client_watch: SideWatch,
+        upstream_watch: SideWatch,
+        // The earliest of the idle, half-close and watchdog deadlines. It may
+        // fire early (a later deadline is not pushed on every byte); each part
+        // then checks whether it is really due.
+        timer: Option<Pin<Box<Sleep>>>,
+        half_closed_at: Option<Instant>,
+        // A timer that found data waiting instead of silence is held off until then.
+        idle_hold: Option<Instant>,
+        half_close_hold: Option<Instant>,
+        #[pin]
+        client_error: W,
+        #[pin]
+        upstream_error: W,
         #[pin]
         cancelled: WaitForCancellationFuture<'a>,
     }
 }
 
-impl Future for Relay<'_> {
+/// What the timer checks need, borrowed from the projected future.
+struct Timers<'r, 'a> {
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    limits: &'a RelayLimits,
+    stats: &'a RelayStats,
+    c2u: &'r Direction,
+    u2c: &'r Direction,
+    client_watch: &'r mut SideWatch,
+    upstream_watch: &'r mut SideWatch,
+    half_closed_at: Option<Instant>,
+    idle_hold: &'r mut Option<Instant>,
+    half_close_hold: &'r mut Option<Instant>,
+}
+
+impl Timers<'_, '_> {
+    fn idle_due(&self) -> Option<Instant> {
+        let d = self.limits.idle_timeout?;
+        let due = after(self.stats.last_activity(), d);
+        Some(self.idle_hold.map_or(due, |h| due.max(h)))
+    }
+
+    /// The direction still open while half-closed, with its source side.
+    fn open_direction(&self) -> Option<(&Direction, Side, &TcpStream)> {
+        match (self.c2u.done, self.u2c.done) {
+            (true, false) => Some((self.u2c, Side::Upstream, self.client)),
+            (false, true) => Some((self.c2u, Side::Client, self.upstream)),
+            _ => None,
+        }
+    }
+
+    fn half_close_due(&self) -> Option<Instant> {
+        let d = self.limits.half_close_timeout?;
+        let since = self.half_closed_at?;
+        let (_, from, _) = self.open_direction()?;
+        let due = after(since.max(self.stats.last_from(from)), d);
+        Some(self.half_close_hold.map_or(due, |h| due.max(h)))
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        [
+            self.client_watch.due(),
+            self.upstream_watch.due(),
+            self.idle_due(),
+            self.half_close_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn undelivered(&self) -> bool {
+        self.c2u.undelivered() || self.u2c.undelivered()
+    }
+
+    /// Runs whatever is due at `now`; an end when one of them closes the pair.
+    fn fire(&mut self, now: Instant) -> Option<RelayEnd> {
+        for side in [Side::Client, Side::Upstream] {
+            let (watch, spec, socket) = match side {
+                Side::Client => (
+                    &mut *self.client_watch,
+                    &self.limits.client_watch,
+                    self.client,
+                ),
+                Side::Upstream => (
+                    &mut *self.upstream_watch,
+                    &self.limits.upstream_watch,
+                    self.upstream,
+                ),
+            };
+            if watch.due().is_none_or(|t| t > now) {
+                continue;
+            }
+            let verdict = match sockopt::send_state(socket) {
+                Ok(sample) => watch.check(spec, now, &sample),
+                // TCP_INFO fails only on a socket that is gone; its error watch reports why.
+                Err(_) => {
+                    *watch = SideWatch::default();
+                    Verdict::Disarm
+                }
+            };
+            let (reason, error) = match verdict {
+                Verdict::Dead(why) => (
+                    CloseReason::dead(side),
+                    io::Error::new(io::ErrorKind::TimedOut, why),
+                ),
+                Verdict::Stalled(why) => (CloseReason::stalled(side), io::Error::other(why)),
+                Verdict::Disarm | Verdict::RecheckAt(_) => continue,
+            };
+            return Some(RelayEnd {
+                reason,
+                error: Some(SideError { side, error }),
+                undelivered: self.undelivered(),
+            });
+        }
+        if let (Some(due), Some(d)) = (self.idle_due(), self.limits.idle_timeout) {
+            if due <= now {
+                if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
+                    *self.idle_hold = Some(after(now, d));
+                } else {
+                    return Some(RelayEnd::plain(CloseReason::IdleTimeout));
+                }
+            }
+        }
+        if let (Some(due), Some(d)) = (self.half_close_due(), self.limits.half_close_timeout) {
+            if due <= now {
+                let (dir, _, to) = self.open_direction()?;
+                if dir.undelivered() || outstanding(to) {
+                    *self.half_close_hold = Some(after(now, d));
+                } else {
+                    return Some(RelayEnd::plain(CloseReason::HalfCloseTimeout));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Whether `socket` still holds sent data its peer has not acknowledged.
+fn outstanding(socket: &TcpStream) -> bool {
+    sockopt::send_state(socket).is_ok_and(|s| s.outstanding())
+}
+
+impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
     type Output = RelayEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.project();
-        let (client, upstream, stats, limits) =
-            (*this.client, *this.upstream, *this.stats, *this.limits);
+        let (client, upstream, stats, limits, bytes) = (
+            *this.client,
+            *this.upstream,
+            *this.stats,
+            *this.limits,
+            *this.bytes,
+        );
         let directions = [
             (
                 &mut *this.c2u,
-                client,
-                upstream,
-                Side::Client,
-                &stats.client_to_upstream,
+                Io {
+                    from: client,
+                    to: upstream,
+                    from_side: Side::Client,
+                    pair_bytes: &stats.client_to_upstream,
+                    route_bytes: &bytes.client_to_upstream,
+                    stats,
+                    watch: &mut *this.upstream_watch,
+                    watch_spec: &limits.upstream_watch,
+                },
             ),
             (
                 &mut *this.u2c,
-                upstream,
-                client,
-                Side::Upstream,
-                &stats.upstream_to_client,
+                Io {
+                    from: upstream,
+                    to: client,
+                    from_side: Side::Upstream,
+                    pair_bytes: &stats.upstream_to_client,
+                    route_bytes: &bytes.upstream_to_client,
+                    stats,
+                    watch: &mut *this.client_watch,
+                    watch_spec: &limits.client_watch,
+                },
             ),
         ];
-        for (dir, from, to, side, counter) in directions {
+        let mut failed = None;
+        for (dir, io) in directions {
             if dir.done {
                 continue;
             }
-            match dir.poll(cx, from, to, side, counter, stats) {
+            match dir.poll(cx, io) {
                 Poll::Ready(Ok(())) => {
                     dir.done = true;
-                    *this.half_close_timer = limits
-                        .half_close_timeout
-                        .map(|d| Box::pin(sleep_until(Instant::now() + d)));
+                    this.half_closed_at.get_or_insert_with(Instant::now);
                 }
-                Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::from_error(e)),
+                Poll::Ready(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
                 Poll::Pending => {}
             }
         }
-        match (this.c2u.done, this.u2c.done) {
-            (true, true) => return Poll::Ready(RelayEnd::plain(CloseReason::Completed)),
-            // A side that has sent its FIN is no longer read, so its death would go
-            // unnoticed until something is written to it; wait for its socket error.
-            (true, false) if this.error_watch.is_none() => {
-                *this.error_watch = Some(Box::pin(socket_error(client, Side::Client)))
-            }
-            (false, true) if this.error_watch.is_none() => {
-                *this.error_watch = Some(Box::pin(socket_error(upstream, Side::Upstream)))
-            }
-            _ => {}
+        let undelivered = this.c2u.undelivered() || this.u2c.undelivered();
+        if let Some(e) = failed {
+            return Poll::Ready(RelayEnd::from_error(e).with_undelivered(undelivered));
         }
-        if let Some(w) = this.error_watch.as_mut() {
-            if let Poll::Ready(e) = w.as_mut().poll(cx) {
-                return Poll::Ready(RelayEnd::from_error(e));
-            }
+        if this.c2u.done && this.u2c.done {
+            return Poll::Ready(RelayEnd::plain(CloseReason::Completed));
         }
-        if let (Some(timer), Some(d)) = (this.idle_timer.as_mut(), limits.idle_timeout) {
-            let deadline = stats.last_activity() + d;
-            if timer.deadline() != deadline {
-                timer.as_mut().reset(deadline);
-            }
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(RelayEnd::plain(CloseReason::IdleTimeout));
-            }
-        }
-        if let Some(timer) = this.half_close_timer.as_mut() {
-            if timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(RelayEnd::plain(CloseReason::HalfCloseTimeout));
+        // Polled on every wake-up, whatever the directions wait for: a reset or
+        // a keepalive timeout on a socket nobody is reading is still seen.
+        for watch in [this.client_error, this.upstream_error] {
+            if let Poll::Ready(e) = watch.poll(cx) {
+                return Poll::Ready(RelayEnd::from_error(e).with_undelivered(undelivered));
             }
         }
         if this.cancelled.poll(cx).is_ready() {
-            return Poll::Ready(RelayEnd::plain(CloseReason::Shutdown));
+            return Poll::Ready(
+                RelayEnd::plain(CloseReason::Shutdown).with_undelivered(undelivered),
+            );
         }
-        Poll::Pending
-    }
-}
-
-/// Data read from one side and not yet fully written to the other.
-enum Pending {
-    /// Copy path: a user-space buffer and how much of it has been written.
-    Buffer(Vec<u8>, usize),
-    /// Zero-copy path for bulk transfers.
-    Pipe(Pipe),
-}
-
-/// State of one direction. The sockets are passed in on each poll rather than
-/// stored, to keep the per-pair state small.
-#[derive(Default)]
-struct Direction {
-    /// `None` while waiting to read: that is where an idle pair sits, holding
-    /// neither buffer nor pipe.
-    pending: Option<Pending>,
-    /// The last read filled a whole buffer: move to splice for the rest of the burst.
-    bulk: bool,
-    /// splice is not available for these sockets; copy only.
-    copy_only: bool,
-    done: bool,
-}
-
-fn transient(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-    )
-}
-
-impl Direction {
-    /// Ready(Ok) once EOF has been read from `from` and passed on to `to` as a half-close.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        from: &TcpStream,
-        to: &TcpStream,
-        from_side: Side,
-        counter: &AtomicU64,
-        stats: &RelayStats,
-    ) -> Poll<Result<(), SideError>> {
-        let from_err = |error| SideError {
-            side: from_side,
-            error,
-        };
-        let to_err = |error| SideError {
-            side: other(from_side),
-            error,
-        };
-        let wrote = |n: usize| {
-            counter.fetch_add(n as u64, Ordering::Relaxed);
-            stats.touch(from_side);
+        let mut timers = Timers {
+            client,
+            upstream,
+            limits,
+            stats,
+            c2u: this.c2u,
+            u2c: this.u2c,
+            client_watch: this.client_watch,
+            upstream_watch: this.upstream_watch,
+            half_closed_at: *this.half_closed_at,
+            idle_hold: this.idle_hold,
+            half_close_hold: this.half_close_hold,
         };
         loop {
-            match self.pending.as_mut() {
-                Some(Pending::Buffer(buf, written)) if *written < buf.len() => {
-                    if let Err(e) = ready!(to.poll_write_ready(cx)) {
-                        return Poll::Ready(Err(to_err(e)));
-                    }
-                    match to.try_write(&buf[*written..]) {
-                        Ok(0) => return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into()))),
-                        Ok(n) => {
-                            *written += n;
-                            wrote(n);
-                        }
-                        Err(e) if transient(&e) => {}
-                        Err(e) => return Poll::Ready(Err(to_err(e))),
-                    }
-                    continue;
-                }
-                Some(Pending::Pipe(pipe)) if pipe.queued > 0 => {
-                    if let Err(e) = ready!(to.poll_write_ready(cx)) {
-                        return Poll::Ready(Err(to_err(e)));
-                    }
-                    match to.try_io(Interest::WRITABLE, || pipe.drain_to(to)) {
-                        Ok(n) => wrote(n),
-                        Err(e) if transient(&e) => {}
-                        Err(e) => return Poll::Ready(Err(to_err(e))),
-                    }
-                    continue;
-                }
-                Some(Pending::Pipe(pipe)) => {
-                    match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
-                        Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
-                        Ok(_) => {}
-                        // Burst over: close the pipe before waiting again.
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.pending = None;
-                            self.bulk = false;
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        // EINVAL: these descriptors cannot splice; fall back to copying.
-                        Err(e) if splice::unsupported(&e) => {
-                            self.pending = None;
-                            self.copy_only = true;
-                        }
-                        Err(e) => return Poll::Ready(Err(from_err(e))),
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            if self.bulk && !self.copy_only {
-                match Pipe::new() {
-                    Ok(pipe) => {
-                        self.pending = Some(Pending::Pipe(pipe));
-                        continue;
-                    }
-                    // Out of descriptors, say: copying still works.
-                    Err(_) => self.bulk = false,
-                }
-            }
-            // Everything read has been written. Straight after a write, try the
-            // next read with the same buffer; after a pause, wait for readiness
-            // first and only then allocate.
-            let mut buf = match self.pending.take() {
-                Some(Pending::Buffer(buf, _)) => buf,
-                _ => {
-                    if let Err(e) = ready!(from.poll_read_ready(cx)) {
-                        return Poll::Ready(Err(from_err(e)));
-                    }
-                    Vec::with_capacity(RELAY_BUFFER)
-                }
+            let Some(due) = timers.next_due() else {
+                *this.timer = None;
+                return Poll::Pending;
             };
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
-                Ok(n) => {
-                    self.bulk = n == buf.capacity();
-                    self.pending = Some(Pending::Buffer(buf, 0));
+            let timer = match this.timer.as_mut() {
+                Some(t) => {
+                    if due < t.deadline() || t.is_elapsed() {
+                        t.as_mut().reset(due);
+                    }
+                    t
                 }
-                // Drained for now: the buffer is dropped here, before waiting again.
-                Err(e) if transient(&e) => {}
-                Err(e) => return Poll::Ready(Err(from_err(e))),
+                None => this.timer.insert(Box::pin(sleep_until(due))),
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if let Some(end) = timers.fire(Instant::now()) {
+                return Poll::Ready(end);
             }
         }
     }
 }
 
-/// Resolves when the socket reports an error (SO_ERROR), e.g. ETIMEDOUT from keepalive.
+/// Resolves when the socket reports an error (SO_ERROR): a reset, or ETIMEDOUT
+/// from keepalive. Waits on error readiness, which tokio tracks apart from the
+/// reader and writer wakers that the directions use.
 async fn socket_error(stream: &TcpStream, side: Side) -> SideError {
     loop {
         let tag = |error| SideError { side, error };
