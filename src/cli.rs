@@ -69,10 +69,10 @@ pub struct ForwardArgs {
     /// Upstream servers, host:port, spread as --balance says.
     #[arg(required = true, value_parser = parse_server_arg)]
     pub servers: Vec<config::ServerAddr>,
-    /// Client-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
+    /// Client-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT[/STALL_TIMEOUT]], or "off".
     #[arg(long, default_value = "60s/10s/3", value_parser = config::parse_keepalive_shorthand)]
     pub client_keepalive: KeepaliveSpec,
-    /// Upstream-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT], or "off".
+    /// Upstream-side keepalive as IDLE/INTERVAL/PROBES[/USER_TIMEOUT[/STALL_TIMEOUT]], or "off".
     #[arg(long, default_value = "60s/10s/3", value_parser = config::parse_keepalive_shorthand)]
     pub upstream_keepalive: KeepaliveSpec,
     /// How new connections are spread: round-robin, least-connections, random or first.

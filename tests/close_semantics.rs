@@ -232,3 +232,50 @@ fn host_names_are_resolved_on_connect() {
         "{closes:?}"
     );
 }
+
+#[test]
+fn client_reset_while_its_upload_waits_on_a_slow_upstream_resets_the_upstream() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("upload", &[up], ""));
+    let mut c = connect(proxy.addr("upload"));
+    // The upstream never reads, so kaproxy's client→upstream direction ends up
+    // blocked writing while nothing else reads the client socket.
+    let u = accept(&listener);
+    let sent = fill_until_blocked(&mut c);
+    assert!(sent > 0);
+    let t0 = Instant::now();
+    reset(c);
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "client_reset", "{}", closes[0]);
+    let e = wait_socket_error(&u, Duration::from_secs(5));
+    assert_eq!(
+        e.kind(),
+        ErrorKind::ConnectionReset,
+        "upstream told with a reset"
+    );
+    println!(
+        "upload of {sent} bytes cut by a client reset: upstream reset after {:?}",
+        t0.elapsed()
+    );
+}
+
+#[test]
+fn upstream_reset_while_a_download_waits_on_a_slow_client_resets_the_client() {
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("download", &[up], ""));
+    let c = connect(proxy.addr("download"));
+    let mut u = accept(&listener);
+    // The client never reads: kaproxy's upstream→client direction blocks writing.
+    let sent = fill_until_blocked(&mut u);
+    assert!(sent > 0);
+    reset(u);
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    // Not upstream_error (ENOTCONN from a half-close towards a reset peer).
+    assert_eq!(reason(&closes[0]), "upstream_reset", "{}", closes[0]);
+    let e = wait_socket_error(&c, Duration::from_secs(5));
+    assert_eq!(
+        e.kind(),
+        ErrorKind::ConnectionReset,
+        "client told with a reset"
+    );
+}

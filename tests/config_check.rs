@@ -183,6 +183,41 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
     ),
     ("retries too many", "[defaults.upstream]\nretries = 500\n", 2, "defaults.upstream.retries", "500 is out of range"),
     ("toml syntax", "[[route]\nname = 1\n", 1, "(top level)", "unclosed array table"),
+    (
+        "user_timeout past what TCP_USER_TIMEOUT can hold",
+        "[defaults.client.keepalive]\nuser_timeout = \"30days\"\n",
+        2,
+        "defaults.client.keepalive.user_timeout",
+        "30days is out of range",
+    ),
+    (
+        "user_timeout auto computed past the range",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nkeepalive = { idle = \"30000s\", interval = \"30000s\", probes = 100 }\n",
+        1,
+        "route \"web\".upstream.keepalive.user_timeout",
+        "user_timeout auto = idle + interval × probes = 3030000s (about 35.1 days) is out of range",
+    ),
+    (
+        "idle_timeout too long to add to a clock",
+        "[defaults]\nidle_timeout = \"300000000000y\"\n",
+        2,
+        "defaults.idle_timeout",
+        "longer than the longest supported duration, 365 days",
+    ),
+    (
+        "half_close_timeout too long",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\nhalf_close_timeout = \"400d\"\n[route.upstream]\nservers = [\"a:1\"]\n",
+        4,
+        "route \"web\".half_close_timeout",
+        "longer than the longest supported duration",
+    ),
+    (
+        "stall_timeout not a duration",
+        "[defaults.upstream.keepalive]\nstall_timeout = \"soon\"\n",
+        2,
+        "defaults.upstream.keepalive.stall_timeout",
+        "\"soon\" is not a duration",
+    ),
 ];
 
 #[test]

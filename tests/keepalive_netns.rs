@@ -261,3 +261,72 @@ fn fifty_silent_clients_of_a_hundred_close_exactly_their_fifty_upstreams() {
         },
     );
 }
+
+#[test]
+fn client_silent_during_an_upload_to_a_slow_upstream_resets_the_upstream_within_the_bound() {
+    isolated(
+        "client_silent_during_an_upload_to_a_slow_upstream_resets_the_upstream_within_the_bound",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let (mut c, u) = open_pair(&proxy, &listener, CLIENT_A);
+            // The upstream reads nothing more: kaproxy's client→upstream direction
+            // blocks writing, and no direction is reading the client socket.
+            let sent = fill_until_blocked(&mut c);
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            let e = wait_socket_error(&u, BOUND + TOLERANCE + Duration::from_secs(5));
+            let elapsed = t0.elapsed();
+            assert_eq!(
+                e.kind(),
+                ErrorKind::ConnectionReset,
+                "upstream told with a reset"
+            );
+            assert_within_bound(
+                &format!("client silent during an upload ({sent} bytes queued)"),
+                elapsed,
+            );
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+        },
+    );
+}
+
+#[test]
+fn client_that_stopped_reading_and_then_vanished_is_dead_not_stalled() {
+    isolated(
+        "client_that_stopped_reading_and_then_vanished_is_dead_not_stalled",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let (mut c, u) = open_pair(&proxy, &listener, CLIENT_A);
+            let writer = thread::spawn(move || {
+                let mut u = u;
+                write_pattern(&mut u, 1 << 40)
+            });
+            read_pattern(&mut c, 0, 1 << 20).unwrap();
+            // Alive but not reading for two seconds: window probes are answered.
+            thread::sleep(Duration::from_secs(2));
+            assert!(proxy.closes().is_empty(), "{:?}", proxy.closes());
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            let closes = proxy.wait_closes(1, Duration::from_secs(20));
+            let elapsed = t0.elapsed();
+            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+            // The first window probe after the black-hole goes out on the kernel's
+            // backed-off schedule (about 3 s after the client stopped reading,
+            // at most 3.2 s later here); it stays unanswered for the bound.
+            let limit = BOUND + Duration::from_millis(3200) + TOLERANCE;
+            println!("stalled client vanished: closed {elapsed:?} after the black-hole (limit {limit:?})");
+            assert!(elapsed <= limit, "took {elapsed:?}, limit {limit:?}");
+            let err = writer.join().unwrap().expect_err("upstream's stream cut");
+            assert!(
+                matches!(
+                    err.kind(),
+                    ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+                ),
+                "upstream told with a reset, got {err:?}"
+            );
+        },
+    );
+}

@@ -818,8 +818,9 @@ fn check_auto_user_timeout(spec: &KeepaliveSpec) -> Result<(), Problem> {
     match (spec.user_timeout, spec.effective_user_timeout()) {
         (UserTimeout::Auto, Some(d)) if d > MAX_USER_TIMEOUT => Err((
             format!(
-                "user_timeout auto = idle + interval × probes = {} is out of range",
-                super::fmt_duration(d)
+                "user_timeout auto = idle + interval × probes = {}s (about {:.1} days) is out of range",
+                d.as_secs(),
+                d.as_secs_f64() / 86400.0
             ),
             format!(
                 "{}; shorten idle, interval or probes, or set user_timeout explicitly",

@@ -132,10 +132,11 @@ impl SideWatch {
         if !s.outstanding() {
             return Verdict::Disarm;
         }
+        // The first look has no earlier count to compare with: the peer may
+        // have accepted data until just now, so count that as progress. A stall
+        // is then declared up to one period late, never early.
         if self.bytes_acked != Some(s.bytes_acked) {
-            if self.bytes_acked.is_some() {
-                self.progress_at = Some(now);
-            }
+            self.progress_at = Some(now);
             self.bytes_acked = Some(s.bytes_acked);
         }
         let last_ack = now.checked_sub(s.since_last_ack).unwrap_or(armed_at);

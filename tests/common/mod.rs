@@ -379,3 +379,97 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
             .ok()
     })
 }
+
+/// Byte `i` of every test stream: a pattern with a period (251) that no buffer
+/// size divides, so a lost, repeated or reordered chunk shows.
+pub fn pattern_byte(i: u64) -> u8 {
+    (i % 251) as u8
+}
+
+/// Writes `total` bytes of the pattern, in 64 KiB chunks; the first error ends it.
+pub fn write_pattern(s: &mut TcpStream, total: u64) -> std::io::Result<()> {
+    let mut sent = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while sent < total {
+        let n = chunk.len().min((total - sent) as usize);
+        for (k, b) in chunk[..n].iter_mut().enumerate() {
+            *b = pattern_byte(sent + k as u64);
+        }
+        s.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    Ok(())
+}
+
+/// Reads `n` bytes of the pattern starting at `offset` and checks every one.
+pub fn read_pattern(s: &mut TcpStream, offset: u64, n: u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    while got < n {
+        let want = buf.len().min((n - got) as usize);
+        let k = s.read(&mut buf[..want])?;
+        if k == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("end of stream after {} bytes", offset + got),
+            ));
+        }
+        for (j, b) in buf[..k].iter().enumerate() {
+            let at = offset + got + j as u64;
+            assert_eq!(*b, pattern_byte(at), "byte {at} of the stream is wrong");
+        }
+        got += k as u64;
+    }
+    Ok(())
+}
+
+/// Writes until the socket's buffers and the path behind it are full (a write
+/// blocks for 300 ms), within 20 s and 1 GiB. Returns the bytes written.
+pub fn fill_until_blocked(s: &mut TcpStream) -> u64 {
+    s.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let chunk = vec![0x5au8; 64 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut sent = 0u64;
+    while Instant::now() < deadline && sent < (1 << 30) {
+        match s.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+                return sent;
+            }
+            Err(e) => panic!("writing until blocked: {e} after {sent} bytes"),
+        }
+    }
+    panic!("the path never filled: {sent} bytes written");
+}
+
+/// Closes with RST (SO_LINGER 0), as a crashing process's kernel would not, but
+/// as an aborting peer does.
+pub fn reset(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(s);
+}
+
+/// Waits for a pending error on `s` (SO_ERROR) without reading, so a peer that
+/// is deliberately not reading can still see that it was reset.
+pub fn wait_socket_error(s: &TcpStream, within: Duration) -> std::io::Error {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(e) = s.take_error().expect("SO_ERROR") {
+            return e;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no error on the socket within {within:?}"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
