@@ -151,6 +151,17 @@ impl App {
         Ok(app)
     }
 
+    /// Closes every live pair at once with reason `shutdown` (each still logs
+    /// its close event), waiting at most a second. Returns whether all closed.
+    pub async fn close_now(&self) -> bool {
+        self.stop_accepting.cancel();
+        self.pairs.close();
+        self.kill_pairs.cancel();
+        tokio::time::timeout(KILL_WAIT, self.pairs.wait())
+            .await
+            .is_ok()
+    }
+
     /// Stops accepting on every route at once, lets live pairs finish for the
     /// grace period, then closes the rest with reason `shutdown`. Returns whether
     /// every pair finished within the grace period.

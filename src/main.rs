@@ -119,20 +119,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         signal = name,
         "shutting down: no new connections; a second signal exits at once"
     );
-    tokio::select! {
+    let second = tokio::select! {
         drained = app.shutdown() => {
             tracing::info!(drained, "kaproxy exited");
-            Ok(())
+            return Ok(());
         }
-        _ = term.recv() => second_signal("SIGTERM"),
-        _ = int.recv() => second_signal("SIGINT"),
-    }
-}
-
-fn second_signal(name: &str) -> anyhow::Result<()> {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
     tracing::warn!(
-        signal = name,
-        "second signal: exiting without waiting for live pairs"
+        signal = second,
+        "second signal: closing every live pair now"
     );
-    anyhow::bail!("interrupted during drain by a second {name}")
+    let all_closed = app.close_now().await;
+    anyhow::bail!(
+        "interrupted during drain by a second {second}{}",
+        if all_closed {
+            ""
+        } else {
+            "; some pairs did not close in time"
+        }
+    )
 }

@@ -124,4 +124,13 @@ fn second_signal_exits_at_once() {
         Some(1),
         "an interrupted drain is not a clean exit"
     );
+    // Even then, the pair was closed, reset, and accounted for.
+    let closes = proxy.wait_closes(1, Duration::from_secs(2));
+    assert_eq!(reason(&closes[0]), "shutdown");
+    let mut buf = [0u8; 1];
+    let r = c.read(&mut buf);
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the cut pair is reset, got {r:?}"
+    );
 }
