@@ -285,19 +285,19 @@ fn example_config_is_accepted_and_described() {
 #[test]
 fn check_prints_inherited_settings_and_detection_time_per_side() {
     let text = format!(
-        "[defaults]\nidle_timeout = \"5m\"\n[defaults.client.keepalive]\nidle = \"20s\"\ninterval = \"5s\"\nprobes = 4\n[defaults.upstream]\nkeepalive = {{ enabled = false }}\n{ROUTE}[route.client]\nkeepalive = {{ probes = 2, user_timeout = \"2500ms\" }}\n"
+        "[defaults]\nidle_timeout = \"5m\"\n[defaults.client.keepalive]\nidle = \"20s\"\ninterval = \"5s\"\nprobes = 4\n[defaults.upstream]\nkeepalive = {{ enabled = false }}\n{ROUTE}[route.client]\nkeepalive = {{ probes = 2, user_timeout = \"2500ms\", stall_timeout = \"5m\" }}\n"
     );
     let (code, stdout, stderr, _) = check_text(&text);
     assert_eq!(code, 0, "{stderr}");
     // Route overrides probes and user_timeout; idle and interval come from [defaults].
     assert!(
         stdout
-            .contains("client   keepalive  = idle 20s interval 5s probes 2 user_timeout 2s 500ms"),
+            .contains("client   keepalive  = idle 20s interval 5s probes 2 user_timeout 2s 500ms stall_timeout 5m"),
         "{stdout}"
     );
     assert!(
         stdout.contains(
-            "client   dead peer  = idle peer within 30s, peer with data in flight within 2s 500ms"
+            "client   dead peer  = idle peer within 30s (keepalive probes); peer with data in flight within 2s 500ms of its last ACK"
         ),
         "{stdout}"
     );
@@ -306,7 +306,15 @@ fn check_prints_inherited_settings_and_detection_time_per_side() {
         "{stdout}"
     );
     assert!(
-        stdout.contains("upstream dead peer  = never detected"),
+        stdout.contains("client   slow peer  = a live peer that accepts no data is closed after 5m (stall_timeout), never called dead"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream dead peer  = idle peer never (keepalive off); peer with data in flight only by kernel retransmission limits"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("upstream slow peer  = a live peer that accepts no data is left alone (stall_timeout off)"),
         "{stdout}"
     );
     assert!(stdout.contains("idle_timeout       = 5m"), "{stdout}");

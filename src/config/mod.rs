@@ -411,6 +411,7 @@ impl Config {
             ] {
                 let _ = writeln!(out, "  {side:<8} keepalive  = {}", describe_keepalive(ka));
                 let _ = writeln!(out, "  {side:<8} dead peer  = {}", describe_detection(ka));
+                let _ = writeln!(out, "  {side:<8} slow peer  = {}", describe_stall(ka));
             }
         }
         out
@@ -458,35 +459,43 @@ fn describe_keepalive(ka: &KeepaliveSpec) -> String {
         UserTimeout::Off => "off".to_string(),
         UserTimeout::Fixed(d) => fmt_duration(d),
     };
+    let stall = fmt_opt(ka.stall_timeout);
     if ka.enabled {
         format!(
-            "idle {} interval {} probes {} user_timeout {}",
+            "idle {} interval {} probes {} user_timeout {} stall_timeout {}",
             fmt_duration(ka.idle),
             fmt_duration(ka.interval),
             ka.probes,
-            ut
+            ut,
+            stall
         )
     } else {
-        format!("off, user_timeout {ut}")
+        format!("off, user_timeout {ut} stall_timeout {stall}")
     }
 }
 
 fn describe_detection(ka: &KeepaliveSpec) -> String {
-    match (ka.detection_bound(), ka.effective_user_timeout()) {
-        (Some(idle), Some(ut)) => format!(
-            "idle peer within {}, peer with data in flight within {}",
-            fmt_duration(idle),
-            fmt_duration(ut)
+    let idle = match ka.detection_bound() {
+        Some(d) => format!("idle peer within {} (keepalive probes)", fmt_duration(d)),
+        None => "idle peer never (keepalive off)".to_string(),
+    };
+    let in_flight = match ka.effective_user_timeout() {
+        Some(d) => format!(
+            "peer with data in flight within {} of its last ACK (user_timeout, checked by kaproxy in TCP_INFO)",
+            fmt_duration(d)
         ),
-        (Some(idle), None) => format!(
-            "idle peer within {}, peer with data in flight only by kernel retransmission limits (~15 min)",
-            fmt_duration(idle)
+        None => "peer with data in flight only by kernel retransmission limits (~15 min; user_timeout off)".to_string(),
+    };
+    format!("{idle}; {in_flight}")
+}
+
+fn describe_stall(ka: &KeepaliveSpec) -> String {
+    match ka.stall_timeout {
+        Some(d) => format!(
+            "a live peer that accepts no data is closed after {} (stall_timeout), never called dead",
+            fmt_duration(d)
         ),
-        (None, Some(ut)) => format!(
-            "idle peer never (keepalive off), peer with data in flight within {}",
-            fmt_duration(ut)
-        ),
-        (None, None) => "never detected (keepalive and user_timeout off)".to_string(),
+        None => "a live peer that accepts no data is left alone (stall_timeout off), never called dead".to_string(),
     }
 }
 
