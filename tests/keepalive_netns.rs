@@ -330,3 +330,27 @@ fn client_that_stopped_reading_and_then_vanished_is_dead_not_stalled() {
         },
     );
 }
+
+#[test]
+fn upstream_silent_when_the_client_half_closes_resets_the_client_within_the_bound() {
+    isolated(
+        "upstream_silent_when_the_client_half_closes_resets_the_client_within_the_bound",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, "{ idle = \"60s\" }", FAST));
+            let (mut c, _u) = open_pair(&proxy, &listener, CLIENT_A);
+            blackhole_port(up.port());
+            // The FIN kaproxy passes on is never acknowledged; keepalive does not
+            // run while it is outstanding, so only the watchdog can tell.
+            c.shutdown(std::net::Shutdown::Write).unwrap();
+            let t0 = Instant::now();
+            let mut buf = [0u8; 1];
+            let r = c.read(&mut buf);
+            let elapsed = t0.elapsed();
+            assert!(is_reset(&r), "client should see a reset, got {r:?}");
+            assert_within_bound("upstream silent after the client's FIN", elapsed);
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "upstream_dead", "{}", closes[0]);
+        },
+    );
+}

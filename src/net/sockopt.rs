@@ -99,11 +99,8 @@ pub struct SendState {
     pub bytes_acked: u64,
     /// Time since the peer last sent an ACK of any kind, window-probe answers included.
     pub since_last_ack: Duration,
-    /// Zero-window probes sent and not answered since the last ACK (tcpi_probes).
+    /// Window probes sent and not answered since the last ACK (tcpi_probes).
     pub unanswered_probes: u8,
-    /// The peer's advertised receive window; `None` on kernels older than 5.4,
-    /// whose TCP_INFO does not carry it.
-    pub send_window: Option<u32>,
 }
 
 impl SendState {
@@ -120,15 +117,13 @@ where
 {
     use std::os::fd::AsRawFd;
     // The borrow of `socket` keeps the descriptor open for the call.
-    let (info, len) = raw::tcp_info(socket.as_fd().as_raw_fd())?;
-    let window_end = std::mem::offset_of!(libc::tcp_info, tcpi_snd_wnd) + 4;
+    let (info, _) = raw::tcp_info(socket.as_fd().as_raw_fd())?;
     Ok(SendState {
         unacked: info.tcpi_unacked,
         notsent: info.tcpi_notsent_bytes,
         bytes_acked: info.tcpi_bytes_acked,
         since_last_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
         unanswered_probes: info.tcpi_probes,
-        send_window: (len >= window_end).then_some(info.tcpi_snd_wnd),
     })
 }
 

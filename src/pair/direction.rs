@@ -68,6 +68,21 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Half-closes towards `to`. The FIN is data the peer must acknowledge, and
+/// keepalive does not run until it does, so the watchdog covers it like a write.
+fn pass_on_eof(
+    to: &TcpStream,
+    to_side: Side,
+    watch: &mut SideWatch,
+    watch_spec: &WatchSpec,
+) -> Result<(), SideError> {
+    sockopt::shutdown_write(to).map_err(|e| blame(to_side, to, e))?;
+    if watch.due().is_none() {
+        watch.arm(watch_spec, Instant::now());
+    }
+    Ok(())
+}
+
 impl Direction {
     /// Whether data read from the source is still waiting to be written.
     pub fn undelivered(&self) -> bool {
@@ -131,7 +146,7 @@ impl Direction {
                 }
                 Some(Pending::Pipe(pipe)) => {
                     match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
-                        Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
+                        Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, watch, watch_spec)),
                         Ok(_) => {}
                         // Burst over: close the pipe before waiting again.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -174,7 +189,7 @@ impl Direction {
             };
             buf.clear();
             match from.try_read_buf(&mut buf) {
-                Ok(0) => return Poll::Ready(sockopt::shutdown_write(to).map_err(to_err)),
+                Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, watch, watch_spec)),
                 Ok(n) => {
                     self.bulk = n == buf.capacity();
                     self.pending = Some(Pending::Buffer(buf, 0));

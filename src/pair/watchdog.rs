@@ -8,8 +8,9 @@
 //! - Window open, data unacknowledged: a live peer ACKs within a round trip.
 //!   No ACK of any kind for `user_timeout` (counted from when the data was
 //!   sent, or from the last ACK if later) means the peer is **dead**.
-//! - Window closed (the peer advertises zero window): the kernel sends window
-//!   probes, which a live peer answers even when it reads nothing. A probe left
+//! - Nothing in flight but data waiting (the peer's window is closed, or too
+//!   small for a segment): the kernel sends window probes, which a live peer
+//!   answers even when it reads nothing. A probe left
 //!   unanswered for `user_timeout` means the peer is **dead**. Answered probes
 //!   mean it is alive: **stalled** once it has accepted no byte for
 //!   `stall_timeout`, when one is set, and never dead.
@@ -142,9 +143,10 @@ impl SideWatch {
         let last_ack = now.checked_sub(s.since_last_ack).unwrap_or(armed_at);
         let mut next = now + spec.period();
 
-        // Only window probes are outstanding: the peer's window is closed and
-        // every byte it was sent has been acknowledged.
-        let window_closed = s.unacked == 0 && s.send_window == Some(0);
+        // Nothing is in flight but data waits: the peer's window is closed (or
+        // too small for a segment), and the kernel sends window probes, which
+        // a live peer answers and a dead one leaves unanswered.
+        let window_closed = s.unacked == 0;
         if window_closed && s.unanswered_probes > 0 {
             let since = match self.unanswered_since {
                 Some(t) if t >= last_ack => t,
@@ -212,21 +214,13 @@ mod tests {
         stall_after: None,
     };
 
-    fn sample(
-        unacked: u32,
-        notsent: u32,
-        acked: u64,
-        last_ack_ms: u64,
-        probes: u8,
-        wnd: u32,
-    ) -> SendState {
+    fn sample(unacked: u32, notsent: u32, acked: u64, last_ack_ms: u64, probes: u8) -> SendState {
         SendState {
             unacked,
             notsent,
             bytes_acked: acked,
             since_last_ack: Duration::from_millis(last_ack_ms),
             unanswered_probes: probes,
-            send_window: Some(wnd),
         }
     }
 
@@ -240,7 +234,7 @@ mod tests {
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
         assert!(w.due().is_some());
-        let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 0, 100, 10, 0, 65535));
+        let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 0, 100, 10, 0));
         assert_eq!(v, Verdict::Disarm);
         assert!(w.due().is_none());
     }
@@ -251,11 +245,11 @@ mod tests {
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
         // The peer's last ACK predates the write: silence counts from the write.
-        let v = w.check(&SPEC, t0 + secs(1.0), &sample(5, 0, 100, 60_000, 0, 65535));
+        let v = w.check(&SPEC, t0 + secs(1.0), &sample(5, 0, 100, 60_000, 0));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(1.75)));
-        let v = w.check(&SPEC, t0 + secs(2.9), &sample(5, 0, 100, 62_900, 0, 65535));
+        let v = w.check(&SPEC, t0 + secs(2.9), &sample(5, 0, 100, 62_900, 0));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(3.0)));
-        let v = w.check(&SPEC, t0 + secs(3.0), &sample(5, 0, 100, 63_000, 0, 65535));
+        let v = w.check(&SPEC, t0 + secs(3.0), &sample(5, 0, 100, 63_000, 0));
         assert!(
             matches!(v, Verdict::Dead(ref m) if m.contains("no acknowledgement")),
             "{v:?}"
@@ -271,7 +265,7 @@ mod tests {
             let v = w.check(
                 &SPEC,
                 t0 + secs(i as f64),
-                &sample(40, 1 << 20, i * 1000, 5, 0, 65535),
+                &sample(40, 1 << 20, i * 1000, 5, 0),
             );
             assert!(matches!(v, Verdict::RecheckAt(_)), "{v:?}");
         }
@@ -295,7 +289,7 @@ mod tests {
             let v = w.check(
                 &SPEC,
                 t0 + secs(i as f64),
-                &sample(0, 4096, 7, since_ack, probes, 0),
+                &sample(0, 4096, 7, since_ack, probes),
             );
             assert!(matches!(v, Verdict::RecheckAt(_)), "second {i}: {v:?}");
         }
@@ -306,14 +300,14 @@ mod tests {
         let t0 = Instant::now();
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
-        let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 4096, 7, 100, 0, 0));
+        let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 4096, 7, 100, 0));
         assert!(matches!(v, Verdict::RecheckAt(_)));
         // A probe goes out at 40 s and is never answered.
-        let v = w.check(&SPEC, t0 + secs(40.0), &sample(0, 4096, 7, 39_000, 1, 0));
+        let v = w.check(&SPEC, t0 + secs(40.0), &sample(0, 4096, 7, 39_000, 1));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(40.75)));
-        let v = w.check(&SPEC, t0 + secs(42.0), &sample(0, 4096, 7, 41_000, 2, 0));
+        let v = w.check(&SPEC, t0 + secs(42.0), &sample(0, 4096, 7, 41_000, 2));
         assert!(matches!(v, Verdict::RecheckAt(_)));
-        let v = w.check(&SPEC, t0 + secs(43.0), &sample(0, 4096, 7, 42_000, 2, 0));
+        let v = w.check(&SPEC, t0 + secs(43.0), &sample(0, 4096, 7, 42_000, 2));
         assert!(
             matches!(v, Verdict::Dead(ref m) if m.contains("window probes")),
             "{v:?}"
@@ -331,13 +325,13 @@ mod tests {
         w.arm(&spec, t0);
         // Accepting slowly is progress.
         for i in 1..=20u64 {
-            let v = w.check(&spec, t0 + secs(i as f64), &sample(0, 4096, i, 10, 0, 0));
+            let v = w.check(&spec, t0 + secs(i as f64), &sample(0, 4096, i, 10, 0));
             assert!(matches!(v, Verdict::RecheckAt(_)), "{v:?}");
         }
         // Then nothing more for 10 s, while every probe is answered.
         let mut last = None;
         for i in 21..=31u64 {
-            last = Some(w.check(&spec, t0 + secs(i as f64), &sample(0, 4096, 20, 10, 0, 0)));
+            last = Some(w.check(&spec, t0 + secs(i as f64), &sample(0, 4096, 20, 10, 0)));
             if !matches!(last, Some(Verdict::RecheckAt(_))) {
                 assert_eq!(i, 30, "stalled exactly 10 s after the last progress");
                 break;
