@@ -2,6 +2,7 @@
 //! timeout per server, and the next server from the pool's plan on failure.
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -36,6 +37,7 @@ pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, Conn
     let mut attempts = Vec::new();
     for index in pool.plan() {
         let server = &pool.servers[index].spec.addr;
+        let started = Instant::now();
         let error = match timeout(spec.connect_timeout, connect_one(server, &spec.keepalive)).await
         {
             Ok(Ok((stream, addr))) => {
@@ -50,7 +52,7 @@ pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, Conn
             Err(_) => format!("timed out after {}", fmt_duration(spec.connect_timeout)),
         };
         tracing::warn!(server = %server, error = %error, "upstream connect failed");
-        pool.connect_failed(index, &error);
+        pool.connect_failed(index, started, &error);
         attempts.push(format!("{server}: {error}"));
     }
     Err(ConnectError { attempts })
