@@ -1,14 +1,15 @@
 //! Upstream connects under pressure: passive ejection after a burst of failed
-//! connects.
+//! connects, and `connect_timeout` per address of a host name.
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use common::netns::{blackhole_server, isolated_with_files};
 use common::*;
 use serde_json::Value;
 
@@ -128,5 +129,148 @@ fn a_burst_of_timed_out_connects_ejects_for_the_base_backoff_only() {
     assert!(
         left <= 10_000,
         "ejected for {left} ms; one burst must eject for the base backoff (10 s) only"
+    );
+}
+
+const NAMED: &str = "multi.kaproxy.test";
+const DEAD_NAME: &str = "dead.kaproxy.test";
+const HOSTS: &str = "127.0.0.1 localhost\n\
+    127.0.0.2 multi.kaproxy.test\n127.0.0.3 multi.kaproxy.test\n\
+    127.0.0.4 dead.kaproxy.test\n127.0.0.5 dead.kaproxy.test\n";
+const SILENT_DNS: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53));
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// Echo server on a given address; runs until the process ends.
+fn echo_on(addr: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(addr).expect("bind echo server");
+    let a = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut s);
+                let _ = s.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    a
+}
+
+/// The addresses `name` resolves to here, in the order a connect tries them.
+fn resolved(name: &str, port: u16) -> Vec<SocketAddr> {
+    (name, port).to_socket_addrs().unwrap().collect()
+}
+
+fn named_route(host: &str, port: u16) -> String {
+    format!(
+        "[[route]]\nname = \"named\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{host}:{port}\"]\nconnect_timeout = \"1s\"\npassive_ejection = {{ failures = 0 }}\n"
+    )
+}
+
+#[test]
+fn each_address_of_a_name_gets_its_own_connect_timeout() {
+    isolated_with_files(
+        "each_address_of_a_name_gets_its_own_connect_timeout",
+        &[("/etc/hosts", HOSTS)],
+        || {
+            let live = echo_on(SocketAddr::new(ip(3), 0));
+            let dropped = SocketAddr::new(ip(2), live.port());
+            assert_eq!(
+                resolved(NAMED, live.port()),
+                vec![dropped, live],
+                "the black-holed address is tried first"
+            );
+            blackhole_server(dropped);
+            let proxy = Proxy::start(&named_route(NAMED, live.port()));
+            let mut c = connect(proxy.addr("named"));
+            let start = Instant::now();
+            let echoed = round_trip(&mut c, b"second address");
+            let elapsed = start.elapsed();
+            assert_eq!(
+                echoed.unwrap_or_else(|e| panic!("{e}; log:\n{}", proxy.raw_log())),
+                b"second address"
+            );
+            println!("relayed via {live} after {elapsed:?} (1 s for {dropped}, tolerance 1.5 s)");
+            assert!(
+                elapsed >= Duration::from_millis(900) && elapsed < Duration::from_millis(2500),
+                "relayed after {elapsed:?}: 1 s on {dropped}, then {live} at once"
+            );
+            drop(c);
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(span_field(&closes[0], "upstream.addr"), live.to_string());
+        },
+    );
+}
+
+#[test]
+fn a_failed_connect_names_every_address_tried() {
+    isolated_with_files(
+        "a_failed_connect_names_every_address_tried",
+        &[("/etc/hosts", HOSTS)],
+        || {
+            // Nothing listens on either address: the first drops SYNs, the second refuses.
+            let port = TcpListener::bind(SocketAddr::new(ip(5), 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let (dropped, refused) = (SocketAddr::new(ip(4), port), SocketAddr::new(ip(5), port));
+            assert_eq!(resolved(DEAD_NAME, port), vec![dropped, refused]);
+            blackhole_server(dropped);
+            let proxy = Proxy::start(&named_route(DEAD_NAME, port));
+            let mut c = connect(proxy.addr("named"));
+            let mut buf = [0u8; 1];
+            let r = c.read(&mut buf);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+                "expected reset, got {r:?}"
+            );
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "connect_failed");
+            let error = closes[0]["error"].as_str().unwrap_or("");
+            println!("{error}");
+            assert!(
+                error.contains(&format!("{dropped}: timed out after 1s"))
+                    && error.contains(&format!("{refused}: Connection refused")),
+                "{error}"
+            );
+        },
+    );
+}
+
+#[test]
+fn name_resolution_is_bounded_by_connect_timeout() {
+    let resolv = format!("nameserver {SILENT_DNS}\noptions timeout:10 attempts:1\n");
+    isolated_with_files(
+        "name_resolution_is_bounded_by_connect_timeout",
+        &[("/etc/hosts", HOSTS), ("/etc/resolv.conf", &resolv)],
+        || {
+            // A name server that reads queries and never answers.
+            let _dns = std::net::UdpSocket::bind(SocketAddr::new(SILENT_DNS, 53)).unwrap();
+            let proxy = Proxy::start(&named_route("nowhere.kaproxy.test", 80));
+            let start = Instant::now();
+            let mut c = connect(proxy.addr("named"));
+            let mut buf = [0u8; 1];
+            let r = c.read(&mut buf);
+            let elapsed = start.elapsed();
+            assert!(
+                matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+                "expected reset, got {r:?}"
+            );
+            assert!(
+                elapsed < Duration::from_millis(2500),
+                "closed after {elapsed:?}: 1 s bound on resolving + 1.5 s tolerance"
+            );
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            let error = closes[0]["error"].as_str().unwrap_or("");
+            assert!(
+                error.contains("cannot resolve nowhere.kaproxy.test: no answer within 1s"),
+                "{error}"
+            );
+        },
     );
 }

@@ -92,7 +92,7 @@ pub struct UpstreamSpec {
     pub health_check: Option<HealthCheck>,
     /// Passive ejection on consecutive connect failures.
     pub ejection: Ejection,
-    /// Bound on each connect attempt.
+    /// Bound on resolving a server's name, and on the connect to each address.
     pub connect_timeout: Duration,
     /// Keepalive applied to every upstream socket before connect().
     pub keepalive: KeepaliveSpec,

@@ -1,8 +1,8 @@
 //! Upstream connects: resolve on every attempt, options before connect(), a
-//! timeout per server, and the next server from the pool's plan on failure.
+//! timeout per address, and the next server from the pool's plan on failure.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio::time::timeout;
@@ -30,17 +30,16 @@ pub struct Connected {
     pub addr: SocketAddr,
 }
 
-/// Tries the servers the pool plans, each within `connect_timeout`, and tells the
-/// pool how each attempt went (passive ejection). A failure a retry recovers
-/// from is invisible to the client.
+/// Tries the servers the pool plans, each address within `connect_timeout`, and
+/// tells the pool how each attempt went (passive ejection). A failure a retry
+/// recovers from is invisible to the client.
 pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, ConnectError> {
     let mut attempts = Vec::new();
     for index in pool.plan() {
         let server = &pool.servers[index].spec.addr;
         let started = Instant::now();
-        let error = match timeout(spec.connect_timeout, connect_one(server, &spec.keepalive)).await
-        {
-            Ok(Ok((stream, addr))) => {
+        match connect_one(server, &spec.keepalive, spec.connect_timeout).await {
+            Ok((stream, addr)) => {
                 pool.connect_succeeded(index);
                 return Ok(Connected {
                     stream,
@@ -48,33 +47,53 @@ pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, Conn
                     addr,
                 });
             }
-            Ok(Err(e)) => e,
-            Err(_) => format!("timed out after {}", fmt_duration(spec.connect_timeout)),
-        };
-        tracing::warn!(server = %server, error = %error, "upstream connect failed");
-        pool.connect_failed(index, started, &error);
-        attempts.push(format!("{server}: {error}"));
+            Err(error) => {
+                tracing::warn!(server = %server, error = %error, "upstream connect failed");
+                pool.connect_failed(index, started, &error);
+                attempts.push(format!("{server}: {error}"));
+            }
+        }
     }
     Err(ConnectError { attempts })
 }
 
 /// Resolves the name now (a restarted container may have a new address) and
-/// tries each address it resolves to, with `keepalive` set before connect().
+/// tries each address it resolves to in turn, with `keepalive` set before
+/// connect(). Resolving and each address's connect are bounded by `timeout_each`
+/// on their own, so an address that drops SYNs does not use up the time of the
+/// next one. The error names every address tried and what happened to it.
 pub async fn connect_one(
     server: &ServerAddr,
     keepalive: &KeepaliveSpec,
+    timeout_each: Duration,
 ) -> Result<(TcpStream, SocketAddr), String> {
-    let addrs = tokio::net::lookup_host((server.host.as_str(), server.port))
-        .await
-        .map_err(|e| format!("cannot resolve {}: {e}", server.host))?;
-    let mut last = format!("{} resolved to no address", server.host);
-    for addr in addrs {
-        let socket = sockopt::upstream_socket(addr, keepalive)
-            .map_err(|e| format!("cannot set up socket options: {e}"))?;
-        match socket.connect(addr).await {
-            Ok(stream) => return Ok((stream, addr)),
-            Err(e) => last = format!("{addr}: {e}"),
+    let lookup = tokio::net::lookup_host((server.host.as_str(), server.port));
+    let addrs = match timeout(timeout_each, lookup).await {
+        Ok(Ok(addrs)) => addrs,
+        Ok(Err(e)) => return Err(format!("cannot resolve {}: {e}", server.host)),
+        Err(_) => {
+            return Err(format!(
+                "cannot resolve {}: no answer within {}",
+                server.host,
+                fmt_duration(timeout_each)
+            ))
         }
+    };
+    let mut failures = Vec::new();
+    for addr in addrs {
+        let error = match sockopt::upstream_socket(addr, keepalive) {
+            Err(e) => format!("cannot set up socket options: {e}"),
+            Ok(socket) => match timeout(timeout_each, socket.connect(addr)).await {
+                Ok(Ok(stream)) => return Ok((stream, addr)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("timed out after {}", fmt_duration(timeout_each)),
+            },
+        };
+        tracing::debug!(server = %server, address = %addr, error, "upstream address failed");
+        failures.push(format!("{addr}: {error}"));
     }
-    Err(last)
+    if failures.is_empty() {
+        return Err(format!("{} resolved to no address", server.host));
+    }
+    Err(failures.join(", "))
 }
