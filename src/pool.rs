@@ -19,7 +19,7 @@ const FAIL_OPEN_LOG_PERIOD: Duration = Duration::from_secs(10);
 pub struct ServerState {
     /// As configured.
     pub spec: Server,
-    /// Pairs open to it now.
+    /// Pairs open to it now, plus connects to it in flight.
     pub active: AtomicUsize,
     health: Mutex<Health>,
 }
@@ -49,7 +49,7 @@ pub struct ServerView {
     pub weight: u32,
     /// "up", "down" (failed health checks) or "ejected" (connect failures).
     pub state: &'static str,
-    /// Pairs open to it.
+    /// Pairs open to it, plus connects to it in flight.
     pub active_pairs: usize,
     /// Connect failures in a row.
     pub connect_failures: u32,
@@ -84,7 +84,8 @@ pub struct Pool {
     metrics: Arc<Metrics>,
 }
 
-/// Keeps a server's active-pair count up while a pair to it lives.
+/// Keeps a server's active count up from the start of a connect attempt to it
+/// until the pair it becomes ends (or the attempt fails).
 #[derive(Debug)]
 pub struct ActiveGuard<'a> {
     server: &'a ServerState,
@@ -183,7 +184,8 @@ impl Pool {
         }
     }
 
-    /// Counts a pair to server `i` until the guard is dropped.
+    /// Counts a connect attempt to server `i`, and then its pair, until the guard
+    /// is dropped.
     pub fn acquire(&self, i: usize) -> ActiveGuard<'_> {
         let server = &self.servers[i];
         server.active.fetch_add(1, Ordering::Relaxed);

@@ -1,5 +1,6 @@
 //! Upstream connects under pressure: passive ejection after a burst of failed
-//! connects, and `connect_timeout` per address of a host name.
+//! connects, `connect_timeout` per address of a host name, and least-connections
+//! counting the connects still in flight.
 
 mod common;
 
@@ -273,4 +274,34 @@ fn name_resolution_is_bounded_by_connect_timeout() {
             );
         },
     );
+}
+
+#[test]
+fn least_connections_counts_connects_in_flight() {
+    let (_slow, _queued, slow) = slow_server();
+    let fast = echo_server();
+    let config = format!(
+        "[[route]]\nname = \"lc\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [{{ address = \"{slow}\", weight = 1 }}, {{ address = \"{fast}\", weight = 10 }}]\nbalance = \"least-connections\"\nconnect_timeout = \"2s\"\n"
+    );
+    let proxy = Proxy::start(&config);
+    // Both idle: the tie goes to the heavier fast server, so the next client goes
+    // to the slow one, whose connect hangs for connect_timeout. Counted from its
+    // start, that one attempt weighs as much as ten pairs on the fast server:
+    // every later client goes to the fast one, none waits for the slow one.
+    let delays = echo_delays(proxy.addr("lc"), 7);
+    let waited: Vec<&Duration> = delays
+        .iter()
+        .filter(|d| **d >= Duration::from_secs(1))
+        .collect();
+    assert_eq!(
+        waited.len(),
+        1,
+        "only one client waits out the slow server's connect: {delays:?}"
+    );
+    let failures = proxy
+        .events()
+        .into_iter()
+        .filter(|e| message(e) == "upstream connect failed")
+        .count();
+    assert_eq!(failures, 1, "one connect to the slow server timed out");
 }
