@@ -78,7 +78,7 @@ pub struct ForwardArgs {
     /// How new connections are spread: round-robin, least-connections, random or first.
     #[arg(long, value_parser = parse_balance, default_value = "round-robin")]
     pub balance: Balance,
-    /// Bound on each upstream connect attempt.
+    /// Bound on resolving an upstream server's name, and on the connect to each address.
     #[arg(long, value_parser = parse_positive_duration, default_value = "3s")]
     pub connect_timeout: Duration,
     /// Close a pair after this long with no byte either way ("0s" = off).

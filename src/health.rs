@@ -53,7 +53,7 @@ async fn probe(
     check: &HealthCheck,
     keepalive: &KeepaliveSpec,
 ) -> Result<String, String> {
-    let (stream, addr) = connect::connect_one(server, keepalive).await?;
+    let (stream, addr) = connect::connect_one(server, keepalive, check.timeout).await?;
     match &check.kind {
         HealthKind::Tcp => Ok(format!("connected to {addr}")),
         HealthKind::Http { path, expect, host } => {

@@ -19,7 +19,7 @@ const FAIL_OPEN_LOG_PERIOD: Duration = Duration::from_secs(10);
 pub struct ServerState {
     /// As configured.
     pub spec: Server,
-    /// Pairs open to it now.
+    /// Pairs open to it now, plus connects to it in flight.
     pub active: AtomicUsize,
     health: Mutex<Health>,
 }
@@ -34,6 +34,9 @@ struct Health {
     failures: u32,
     connect_failures: u32,
     ejected_until: Option<Instant>,
+    /// When the current or last ejection began. Kept when the ejection ends, so
+    /// that attempts started before it are still recognised when they fail late.
+    ejected_at: Option<Instant>,
     ejections: u32,
 }
 
@@ -46,7 +49,7 @@ pub struct ServerView {
     pub weight: u32,
     /// "up", "down" (failed health checks) or "ejected" (connect failures).
     pub state: &'static str,
-    /// Pairs open to it.
+    /// Pairs open to it, plus connects to it in flight.
     pub active_pairs: usize,
     /// Connect failures in a row.
     pub connect_failures: u32,
@@ -81,7 +84,8 @@ pub struct Pool {
     metrics: Arc<Metrics>,
 }
 
-/// Keeps a server's active-pair count up while a pair to it lives.
+/// Keeps a server's active count up from the start of a connect attempt to it
+/// until the pair it becomes ends (or the attempt fails).
 #[derive(Debug)]
 pub struct ActiveGuard<'a> {
     server: &'a ServerState,
@@ -180,7 +184,8 @@ impl Pool {
         }
     }
 
-    /// Counts a pair to server `i` until the guard is dropped.
+    /// Counts a connect attempt to server `i`, and then its pair, until the guard
+    /// is dropped.
     pub fn acquire(&self, i: usize) -> ActiveGuard<'_> {
         let server = &self.servers[i];
         server.active.fetch_add(1, Ordering::Relaxed);
@@ -197,15 +202,26 @@ impl Pool {
         }
     }
 
-    /// A connect to server `i` failed: after `ejection.failures` in a row it is
-    /// ejected, for longer each time it fails again.
-    pub fn connect_failed(&self, i: usize, error: &str) {
+    /// A connect to server `i`, attempted from `started`, failed: after
+    /// `ejection.failures` in a row it is ejected, for twice as long each time a
+    /// connect attempted after an ejection ended fails again.
+    ///
+    /// A failure that arrives while the server is ejected, or of an attempt that
+    /// began before the current or last ejection did, is the outage that ejection
+    /// already answered: a burst of concurrent attempts must not multiply the
+    /// backoff, so such failures neither count nor escalate.
+    pub fn connect_failed(&self, i: usize, started: Instant, error: &str) {
         self.metrics
             .connect_failed(&self.route, &self.servers[i].spec.addr.to_string());
         if self.ejection.failures == 0 {
             return;
         }
+        let now = Instant::now();
         let mut h = lock(&self.servers[i].health);
+        let ejected = h.ejected_until.is_some_and(|t| now < t);
+        if ejected || h.ejected_at.is_some_and(|at| started < at) {
+            return;
+        }
         h.connect_failures += 1;
         if h.connect_failures < self.ejection.failures {
             return;
@@ -217,7 +233,8 @@ impl Pool {
             .saturating_mul(factor)
             .min(self.ejection.max_backoff);
         h.ejections = h.ejections.saturating_add(1);
-        h.ejected_until = Some(Instant::now() + backoff);
+        h.ejected_at = Some(now);
+        h.ejected_until = Some(now + backoff);
         let reason = format!(
             "{} connect failures in a row (last: {error}); ejected for {}",
             h.connect_failures,
@@ -378,25 +395,34 @@ mod tests {
         assert_eq!(p.view(0).state, "down");
     }
 
+    /// Time left of server `i`'s ejection.
+    fn ejected_for(p: &Pool, i: usize) -> Duration {
+        let until = lock(&p.servers[i].health)
+            .ejected_until
+            .expect("server ejected");
+        until.saturating_duration_since(Instant::now())
+    }
+
     #[test]
     fn passive_ejection_backs_off_longer_while_failing_and_ends_on_success() {
         let p = pool(2, Balance::First, EJECT);
-        p.connect_failed(0, "refused");
+        p.connect_failed(0, Instant::now(), "refused");
         assert_eq!(p.view(0).state, "up", "one failure of two");
-        p.connect_failed(0, "refused");
+        p.connect_failed(0, Instant::now(), "refused");
         assert_eq!(p.view(0).state, "ejected");
         assert_eq!(p.plan()[0], 1);
         std::thread::sleep(Duration::from_millis(50));
         assert_eq!(p.view(0).state, "up", "first backoff 40 ms over");
-        p.connect_failed(0, "refused");
-        let until = lock(&p.servers[0].health).ejected_until.unwrap();
-        let period = until - Instant::now();
+        p.connect_failed(0, Instant::now(), "refused");
+        let period = ejected_for(&p, 0);
         assert!(
             period > Duration::from_millis(60) && period <= Duration::from_millis(80),
             "second backoff doubled: {period:?}"
         );
-        p.connect_failed(0, "refused");
-        let period = lock(&p.servers[0].health).ejected_until.unwrap() - Instant::now();
+        std::thread::sleep(Duration::from_millis(90));
+        assert_eq!(p.view(0).state, "up", "second backoff 80 ms over");
+        p.connect_failed(0, Instant::now(), "refused");
+        let period = ejected_for(&p, 0);
         assert!(
             period > Duration::from_millis(90),
             "capped at max_backoff: {period:?}"
@@ -407,11 +433,41 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_of_concurrent_failures_ejects_for_the_base_backoff_only() {
+        let p = pool(2, Balance::First, EJECT);
+        // Ten attempts in flight together, all refused: the third ejects.
+        let burst = Instant::now();
+        for _ in 0..10 {
+            p.connect_failed(0, burst, "refused");
+        }
+        assert_eq!(p.view(0).state, "ejected");
+        let period = ejected_for(&p, 0);
+        assert!(
+            period <= EJECT.backoff,
+            "one ejection for the base backoff: {period:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(p.view(0).state, "up", "base backoff over");
+        p.connect_failed(0, burst, "refused");
+        assert_eq!(
+            p.view(0).state,
+            "up",
+            "a late failure of an attempt from before the ejection does not eject again"
+        );
+        p.connect_failed(0, Instant::now(), "refused");
+        let period = ejected_for(&p, 0);
+        assert!(
+            period > Duration::from_millis(60) && period <= Duration::from_millis(80),
+            "an attempt started after the ejection ended fails: backoff doubled, {period:?}"
+        );
+    }
+
+    #[test]
     fn a_passing_health_check_ends_an_ejection() {
         let p = pool(1, Balance::RoundRobin, EJECT);
         p.health_result(0, true, "200", 2, 3);
-        p.connect_failed(0, "refused");
-        p.connect_failed(0, "refused");
+        p.connect_failed(0, Instant::now(), "refused");
+        p.connect_failed(0, Instant::now(), "refused");
         assert_eq!(p.view(0).state, "ejected");
         p.health_result(0, true, "200", 2, 3);
         assert_eq!(p.view(0).state, "up");

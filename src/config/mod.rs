@@ -92,7 +92,7 @@ pub struct UpstreamSpec {
     pub health_check: Option<HealthCheck>,
     /// Passive ejection on consecutive connect failures.
     pub ejection: Ejection,
-    /// Bound on each connect attempt.
+    /// Bound on resolving a server's name, and on the connect to each address.
     pub connect_timeout: Duration,
     /// Keepalive applied to every upstream socket before connect().
     pub keepalive: KeepaliveSpec,
@@ -182,7 +182,8 @@ impl StatusMatch {
 }
 
 /// Passive ejection: a server that fails `failures` connects in a row is left
-/// out for `backoff`, doubling while it keeps failing, up to `max_backoff`.
+/// out for `backoff`, doubling each time a connect started after the last
+/// ejection ended fails too, up to `max_backoff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ejection {
     /// Consecutive connect failures before ejection; 0 = off.

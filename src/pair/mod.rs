@@ -104,8 +104,7 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
         Ok(c) => {
             tracing::Span::current().record("upstream.addr", field::display(c.addr));
             registration.set_upstream(&c.stream);
-            let active = route.pool.acquire(c.server);
-            (&*upstream.insert(c.stream), active)
+            (&*upstream.insert(c.stream), c.active)
         }
         Err(e) => {
             let end = RelayEnd::plain(CloseReason::ConnectFailed);

@@ -26,7 +26,7 @@ fn sh_ok(cmd: &str, args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-fn why_not_possible() -> Option<String> {
+fn why_not_possible(own_files: bool) -> Option<String> {
     let uid = Command::new("id")
         .arg("-u")
         .output()
@@ -48,12 +48,29 @@ fn why_not_possible() -> Option<String> {
     if !sh_ok("unshare", &["-n", "true"]) {
         return Some("unshare -n is not permitted here".into());
     }
+    if own_files && !sh_ok("unshare", &["-n", "-m", "true"]) {
+        return Some("unshare -m is not permitted here".into());
+    }
     None
 }
 
 /// Runs `body` in a fresh network namespace; `name` must be the test's own name.
 pub fn isolated(name: &str, body: impl FnOnce()) {
+    isolated_with_files(name, &[], body)
+}
+
+/// As [`isolated`], and in a private mount namespace where each `(path, text)`
+/// is bind-mounted over `path` (`/etc/hosts`, `/etc/resolv.conf`): a test can
+/// give a name several addresses, or point the resolver somewhere, while the
+/// host's own files stay untouched.
+pub fn isolated_with_files(name: &str, files: &[(&str, &str)], body: impl FnOnce()) {
     if std::env::var_os(CHILD_ENV).is_some() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (i, (path, text)) in files.iter().enumerate() {
+            let own = dir.path().join(i.to_string());
+            std::fs::write(&own, text).expect("write a replacement file");
+            run(&["mount", "--bind", own.to_str().expect("utf-8 path"), path]);
+        }
         run(&["ip", "link", "set", "lo", "up"]);
         run(&["nft", "add", "table", "inet", "kaproxy_test"]);
         run(&[
@@ -68,7 +85,7 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
         body();
         return;
     }
-    if let Some(why) = why_not_possible() {
+    if let Some(why) = why_not_possible(!files.is_empty()) {
         if under_ci() {
             panic!("{name} must run in CI but cannot: {why}");
         }
@@ -76,8 +93,14 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
         return;
     }
     let exe = std::env::current_exe().expect("test binary path");
+    // unshare -m makes every mount private, so the bind mounts stay in here.
+    let namespaces: &[&str] = if files.is_empty() {
+        &["-n", "--"]
+    } else {
+        &["-n", "-m", "--"]
+    };
     let out = Command::new("unshare")
-        .args(["-n", "--"])
+        .args(namespaces)
         .arg(exe)
         .args(["--exact", name, "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, "1")
@@ -126,6 +149,14 @@ pub fn blackhole_host_port(ip: IpAddr, port: u16) {
     let (ip, port) = (ip.to_string(), port.to_string());
     drop_rule(&["ip", "saddr", &ip, "tcp", "dport", &port]);
     drop_rule(&["ip", "daddr", &ip, "tcp", "sport", &port]);
+}
+
+/// Drops every packet to or from a server address, so connects to it hang as if
+/// the host were gone: SYNs go unanswered and nothing is refused.
+pub fn blackhole_server(addr: SocketAddr) {
+    let (ip, port) = (addr.ip().to_string(), addr.port().to_string());
+    drop_rule(&["ip", "daddr", &ip, "tcp", "dport", &port]);
+    drop_rule(&["ip", "saddr", &ip, "tcp", "sport", &port]);
 }
 
 /// Drops every packet to or from a TCP port.
