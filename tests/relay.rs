@@ -50,17 +50,18 @@ fn sixty_four_mib_each_way_at_once_arrive_intact() {
     let (listener, up) = upstream_listener();
     let proxy = Proxy::start(&one_route("bulk", &[up], ""));
 
+    // Both payloads are made before anyone connects: in a debug build on a
+    // loaded machine that takes seconds, which must not eat into accept's deadline.
     let up_data = random(2);
     let up_digest = Sha256::digest(&up_data).to_vec();
+    let client_data = random(1);
+    let client_digest = Sha256::digest(&client_data).to_vec();
+    let s = connect(proxy.addr("bulk"));
     let upstream = thread::spawn(move || {
         let s = accept(&listener);
         s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
         send_and_receive(s, up_data)
     });
-
-    let client_data = random(1);
-    let client_digest = Sha256::digest(&client_data).to_vec();
-    let s = connect(proxy.addr("bulk"));
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let (got_at_client, n_client) = send_and_receive(s, client_data);
     let (got_at_upstream, n_upstream) = upstream.join().unwrap();
