@@ -108,16 +108,14 @@ impl App {
                 .collect();
             tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
             let health_check = route.upstream.health_check.clone();
-            metrics.register_route(&route.name);
-            let bytes = metrics.route_bytes(&route.name);
+            let route_metrics = metrics.route(&route.name);
             let state = Arc::new(RouteState {
                 pool: Pool::new(&route.name, &route.upstream, metrics.clone()),
                 name: Arc::from(route.name.as_str()),
                 route,
                 ids: ids.clone(),
                 registry: registry.clone(),
-                bytes,
-                metrics: metrics.clone(),
+                metrics: route_metrics,
             });
             admin_routes.push((state.clone(), addr));
             if let Some(check) = health_check {

@@ -69,6 +69,40 @@ pub struct RouteBytes {
     pub upstream_to_client: Counter,
 }
 
+/// The series of one route, resolved once when the route starts.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    active: Gauge,
+    accepted: Counter,
+    closed: [Counter; CloseReason::ALL.len()],
+    duration: Histogram,
+    detection: [Histogram; 2],
+    /// Byte counters, which the relay adds to as it writes.
+    pub bytes: RouteBytes,
+}
+
+impl RouteMetrics {
+    /// A client connection was accepted.
+    pub fn pair_opened(&self) {
+        self.accepted.inc();
+        self.active.inc();
+    }
+
+    /// A pair ended; `detection` is the time since the dead side last sent data.
+    pub fn pair_closed(&self, reason: CloseReason, seconds: f64, detection: Option<(Side, f64)>) {
+        self.active.dec();
+        self.closed[reason.index()].inc();
+        self.duration.observe(seconds);
+        if let Some((side, secs)) = detection {
+            let i = match side {
+                Side::Client => 0,
+                Side::Upstream => 1,
+            };
+            self.detection[i].observe(secs);
+        }
+    }
+}
+
 /// All metrics of the process.
 #[derive(Debug)]
 pub struct Metrics {
@@ -169,66 +203,60 @@ impl Metrics {
         out
     }
 
-    fn route(route: &str) -> RouteLabel {
+    fn route_label(route: &str) -> RouteLabel {
         RouteLabel {
             route: route.to_string(),
         }
     }
 
-    /// Makes a route's series exist (at zero) before its first pair.
-    pub fn register_route(&self, route: &str) {
-        let _ = self.pairs_active.get_or_create(&Self::route(route));
-        let _ = self.pairs_accepted.get_or_create(&Self::route(route));
-    }
-
-    /// A client connection was accepted.
-    pub fn pair_opened(&self, route: &str) {
-        self.pairs_accepted.get_or_create(&Self::route(route)).inc();
-        self.pairs_active.get_or_create(&Self::route(route)).inc();
-    }
-
-    /// The byte counters of a route, resolved once so that relaying counts
-    /// every byte as it passes without a label lookup.
-    pub fn route_bytes(&self, route: &str) -> RouteBytes {
-        let get = |direction| {
+    /// Every series of one route, created now (at zero, so that alert rules
+    /// and `rate()` see them before the first event) and resolved once, so
+    /// that a pair records without hashing labels or allocating.
+    pub fn route(&self, route: &str) -> RouteMetrics {
+        let name = || route.to_string();
+        let closed = CloseReason::ALL.map(|reason| {
+            self.pairs_closed
+                .get_or_create(&ReasonLabels {
+                    route: name(),
+                    reason: reason.as_str(),
+                })
+                .clone()
+        });
+        let detection = [Side::Client, Side::Upstream].map(|side| {
+            self.detection
+                .get_or_create(&SideLabels {
+                    route: name(),
+                    side: side.as_str(),
+                })
+                .clone()
+        });
+        let bytes = |direction| {
             self.bytes
                 .get_or_create(&DirectionLabels {
-                    route: route.to_string(),
+                    route: name(),
                     direction,
                 })
                 .clone()
         };
-        RouteBytes {
-            client_to_upstream: get("client_to_upstream"),
-            upstream_to_client: get("upstream_to_client"),
-        }
-    }
-
-    /// A pair ended; `detection` is the time since the dead side last sent data.
-    pub fn pair_closed(
-        &self,
-        route: &str,
-        reason: CloseReason,
-        seconds: f64,
-        detection: Option<(Side, f64)>,
-    ) {
-        self.pairs_active.get_or_create(&Self::route(route)).dec();
-        self.pairs_closed
-            .get_or_create(&ReasonLabels {
-                route: route.to_string(),
-                reason: reason.as_str(),
-            })
-            .inc();
-        self.pair_duration
-            .get_or_create(&Self::route(route))
-            .observe(seconds);
-        if let Some((side, secs)) = detection {
-            self.detection
-                .get_or_create(&SideLabels {
-                    route: route.to_string(),
-                    side: side.as_str(),
-                })
-                .observe(secs);
+        RouteMetrics {
+            active: self
+                .pairs_active
+                .get_or_create(&Self::route_label(route))
+                .clone(),
+            accepted: self
+                .pairs_accepted
+                .get_or_create(&Self::route_label(route))
+                .clone(),
+            closed,
+            duration: self
+                .pair_duration
+                .get_or_create(&Self::route_label(route))
+                .clone(),
+            detection,
+            bytes: RouteBytes {
+                client_to_upstream: bytes("client_to_upstream"),
+                upstream_to_client: bytes("upstream_to_client"),
+            },
         }
     }
 

@@ -120,7 +120,12 @@ pub fn render(admin: SocketAddr) -> Result<String, String> {
             .unwrap_or(0.0);
         *reasons.entry(reason.to_string()).or_default() += value;
     }
-    let list: Vec<String> = reasons.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    // Every reason's series exists from the start; the ones still at zero say nothing.
+    let list: Vec<String> = reasons
+        .iter()
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(r, n)| format!("{r} {n}"))
+        .collect();
     let _ = writeln!(
         out,
         "\nclosed so far: {}",

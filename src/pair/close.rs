@@ -78,6 +78,31 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// Every reason, in a fixed order ([`CloseReason::index`]).
+    pub const ALL: [CloseReason; 13] = [
+        CloseReason::Completed,
+        CloseReason::ClientDead,
+        CloseReason::UpstreamDead,
+        CloseReason::ClientReset,
+        CloseReason::UpstreamReset,
+        CloseReason::ClientError,
+        CloseReason::UpstreamError,
+        CloseReason::IdleTimeout,
+        CloseReason::HalfCloseTimeout,
+        CloseReason::ConnectFailed,
+        CloseReason::ClientStalled,
+        CloseReason::UpstreamStalled,
+        CloseReason::Shutdown,
+    ];
+
+    /// Position in [`CloseReason::ALL`].
+    pub fn index(self) -> usize {
+        CloseReason::ALL
+            .iter()
+            .position(|r| *r == self)
+            .unwrap_or(0)
+    }
+
     /// Stable snake_case name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -238,6 +263,13 @@ mod tests {
             os(Side::Upstream, libc::ENOBUFS),
             CloseReason::UpstreamError
         );
+    }
+
+    #[test]
+    fn every_reason_has_its_own_index() {
+        for (i, r) in CloseReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r}");
+        }
     }
 
     #[test]

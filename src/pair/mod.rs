@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::admin::metrics::{Metrics, RouteBytes};
+use crate::admin::metrics::RouteMetrics;
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
@@ -41,10 +41,8 @@ pub struct RouteState {
     pub ids: Arc<AtomicU64>,
     /// Live pairs of every route.
     pub registry: Arc<Registry>,
-    /// Process metrics.
-    pub metrics: Arc<Metrics>,
-    /// This route's byte counters, resolved once.
-    pub bytes: RouteBytes,
+    /// This route's metric series, resolved once.
+    pub metrics: RouteMetrics,
 }
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
@@ -69,7 +67,7 @@ pub fn run(
 async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: CancellationToken) {
     let r = &route.route;
     let stats = Arc::new(RelayStats::new());
-    route.metrics.pair_opened(&route.name);
+    route.metrics.pair_opened();
     // Declared before the registration so that it is dropped after it: a socket
     // is never closed while the registry still lists it.
     let mut upstream: Option<TcpStream> = None;
@@ -119,7 +117,7 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
         client_watch: WatchSpec::of(&r.client.keepalive),
         upstream_watch: WatchSpec::of(&r.upstream.keepalive),
     };
-    let end = relay::relay(&client, up, &limits, &stats, &route.bytes, &cancel).await;
+    let end = relay::relay(&client, up, &limits, &stats, &route.metrics.bytes, &cancel).await;
     close.finish(registration, &client, Some(up), &end, None);
 }
 
@@ -178,7 +176,7 @@ impl Close<'_> {
             .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
         self.route
             .metrics
-            .pair_closed(&self.route.name, end.reason, age.as_secs_f64(), detection);
+            .pair_closed(end.reason, age.as_secs_f64(), detection);
         let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
         tracing::info!(
             reason = end.reason.as_str(),
