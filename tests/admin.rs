@@ -55,8 +55,13 @@ fn connections_show_each_side_with_the_keepalive_settings_in_force() {
     let mut c = connect(proxy.addr("web"));
     assert_eq!(round_trip(&mut c, b"hello").unwrap(), b"hello");
 
-    let (status, v) = json(proxy.admin(), "/connections?route=web");
-    assert_eq!(status, 200);
+    // The relay counts bytes after writing them, so the echo can arrive first.
+    let v = poll(Duration::from_secs(5), "5 bytes counted each way", || {
+        let (status, v) = json(proxy.admin(), "/connections?route=web");
+        assert_eq!(status, 200);
+        let p = &v["pairs"][0];
+        (p["bytes_client_to_upstream"] == 5 && p["bytes_upstream_to_client"] == 5).then_some(v)
+    });
     assert_eq!(v["returned"], 1);
     assert_eq!(v["more"], 0);
     let p = &v["pairs"][0];
@@ -344,10 +349,13 @@ fn metrics_count_what_happened() {
             assert_eq!(round_trip(&mut c, b"hello").unwrap(), b"hello");
         }
         proxy.wait_closes(3, Duration::from_secs(5));
-        // One connect failure.
-        let mut c = connect(proxy.addr("down"));
-        let mut buf = [0u8; 1];
-        let _ = c.read(&mut buf);
+        // One connect failure. kaproxy may accept and reset the client before our
+        // connect call returns, which then reports the reset: either way it counts.
+        if let Ok(mut c) = TcpStream::connect_timeout(&proxy.addr("down"), Duration::from_secs(5)) {
+            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut buf = [0u8; 1];
+            let _ = c.read(&mut buf);
+        }
         proxy.wait_closes(4, Duration::from_secs(5));
         // One half-dead pair: the client goes silent.
         let mut c = connect_from(CLIENT_A, proxy.addr("ka"));
