@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE};
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
@@ -22,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::pair::registry::Registry;
+use crate::pair::registry::{Listing, Registry};
 use crate::pair::RouteState;
 use metrics::Metrics;
 
@@ -32,9 +32,16 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// No admin connection lives longer than this.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default and largest `/connections?limit=`.
+/// Default and largest `/connections?limit=`. The largest bounds one answer to
+/// about 10 MB of JSON and one request to reading 20,000 sockets.
 const DEFAULT_LIMIT: usize = 1000;
-const MAX_LIMIT: usize = 100_000;
+const MAX_LIMIT: usize = 10_000;
+/// `/connections` requests answered at once; more get 503. One keeps a CPU busy
+/// reading sockets and encoding; with 3,000 pairs on 2 cores, two at once took
+/// both and raised the worst relay round trip from ~10 ms to ~60 ms.
+const MAX_CONNECTIONS_REQUESTS: usize = 1;
+/// What a refused `/connections` request is told to wait, in seconds.
+const BUSY_RETRY_AFTER: &str = "1";
 
 /// What the endpoint reads.
 #[derive(Debug)]
@@ -53,6 +60,7 @@ pub struct AdminState {
 /// drain, so that a draining kaproxy can still be watched).
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let listings = Arc::new(Semaphore::new(MAX_CONNECTIONS_REQUESTS));
     let connections = TaskTracker::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -71,12 +79,14 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             continue;
         };
         let state = state.clone();
+        let listings = listings.clone();
         let stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&state, &req)) }
+                let listings = listings.clone();
+                async move { Ok::<_, Infallible>(route(&state, &listings, req).await) }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -125,7 +135,11 @@ const PATHS: &[&str] = &[
     "/upstreams",
 ];
 
-fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<Body> {
+async fn route(
+    state: &Arc<AdminState>,
+    listings: &Arc<Semaphore>,
+    req: Request<hyper::body::Incoming>,
+) -> Response<Body> {
     let path = req.uri().path();
     if !PATHS.contains(&path) {
         return error(
@@ -161,7 +175,7 @@ fn route(state: &AdminState, req: &Request<hyper::body::Incoming>) -> Response<B
         "/healthz" => respond(StatusCode::OK, "text/plain; charset=utf-8", "ok\n"),
         "/readyz" => readyz(state),
         "/metrics" => metrics(state),
-        "/connections" => connections(state, &query),
+        "/connections" => connections(state, listings, &query).await,
         _ => upstreams(state),
     }
 }
@@ -255,7 +269,11 @@ fn metrics(state: &AdminState) -> Response<Body> {
     )
 }
 
-fn connections(state: &AdminState, query: &HashMap<String, String>) -> Response<Body> {
+async fn connections(
+    state: &Arc<AdminState>,
+    listings: &Arc<Semaphore>,
+    query: &HashMap<String, String>,
+) -> Response<Body> {
     let limit = match query.get("limit") {
         None => DEFAULT_LIMIT,
         Some(v) => match v.parse::<usize>() {
@@ -268,17 +286,64 @@ fn connections(state: &AdminState, query: &HashMap<String, String>) -> Response<
             }
         },
     };
-    let route = query.get("route").map(String::as_str);
-    if let Some(name) = route {
-        if !state.routes.iter().any(|(r, _)| r.route.name == name) {
+    let route = query.get("route").cloned();
+    if let Some(name) = &route {
+        if !state.routes.iter().any(|(r, _)| &r.route.name == name) {
             return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
         }
     }
-    let (pairs, more) = state.registry.snapshot(route, limit);
-    json_response(
-        StatusCode::OK,
-        &json!({ "returned": pairs.len(), "more": more, "pairs": pairs }),
-    )
+    // Refused rather than queued: a queue would let requests pile up behind a slow one.
+    let Ok(permit) = listings.clone().try_acquire_owned() else {
+        let mut r = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "busy: another /connections request is being answered; retry in {BUSY_RETRY_AFTER} s"
+            ),
+        );
+        r.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from_static(BUSY_RETRY_AFTER));
+        return r;
+    };
+    let registry = state.registry.clone();
+    // Listing walks every pair and reading makes system calls on two sockets per
+    // pair: neither belongs on a runtime worker that relays bytes.
+    let read = tokio::task::spawn_blocking(move || {
+        // Held until the sockets are read, even if the client has gone away.
+        let _permit = permit;
+        connections_json(registry.list(route.as_deref(), limit))
+    });
+    match read.await {
+        Ok(Ok(body)) => respond(StatusCode::OK, "application/json", body),
+        Ok(Err(e)) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode the connections: {e}"),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "reading the connections failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "reading the connections failed",
+            )
+        }
+    }
+}
+
+/// `{"more": .., "pairs": [..], "returned": ..}`, written pair by pair as the
+/// sockets are read, so memory follows the size of the answer and never holds a
+/// second copy of it. `returned` comes last: a pair that closes before its
+/// sockets are read is left out.
+fn connections_json(listing: Listing) -> serde_json::Result<Vec<u8>> {
+    let mut out = format!("{{\"more\":{},\"pairs\":[", listing.more()).into_bytes();
+    let mut returned = 0usize;
+    for pair in listing.read() {
+        if returned > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &pair)?;
+        returned += 1;
+    }
+    out.extend_from_slice(format!("],\"returned\":{returned}}}\n").as_bytes());
+    Ok(out)
 }
 
 fn upstreams(state: &AdminState) -> Response<Body> {

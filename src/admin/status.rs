@@ -9,6 +9,11 @@ use std::time::Duration;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// The admin endpoint's largest `/connections?limit=`.
+const MAX_PAIRS: usize = 10_000;
+/// `/connections` answers 503 while another request for it is being answered;
+/// it is asked this many times, a second apart, before pair states are left out.
+const BUSY_ATTEMPTS: usize = 3;
 
 /// Fetches `path` from the admin endpoint; returns status and body.
 fn get(admin: SocketAddr, path: &str) -> Result<(u16, String), String> {
@@ -45,10 +50,26 @@ fn json(admin: SocketAddr, path: &str) -> Result<Value, String> {
         .map_err(|e| format!("{admin}{path} answered {status} with unreadable JSON: {e}"))
 }
 
+/// The `/connections` answer, or null if it stayed busy.
+fn connections(admin: SocketAddr) -> Result<Value, String> {
+    let path = format!("/connections?limit={MAX_PAIRS}");
+    for attempt in 1..=BUSY_ATTEMPTS {
+        let (status, body) = get(admin, &path)?;
+        if status != 503 {
+            return serde_json::from_str(&body)
+                .map_err(|e| format!("{admin}{path} answered {status} with unreadable JSON: {e}"));
+        }
+        if attempt < BUSY_ATTEMPTS {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    Ok(Value::Null)
+}
+
 /// Renders the status view, or says why the endpoint could not be read.
 pub fn render(admin: SocketAddr) -> Result<String, String> {
     let upstreams = json(admin, "/upstreams")?;
-    let conns = json(admin, "/connections?limit=100000")?;
+    let conns = connections(admin)?;
     let (ready_status, ready_body) = get(admin, "/readyz")?;
     let (_, metrics) = get(admin, "/metrics")?;
 
@@ -99,8 +120,16 @@ pub fn render(admin: SocketAddr) -> Result<String, String> {
             );
         }
     }
-    if conns["more"].as_u64().unwrap_or(0) > 0 {
-        let _ = writeln!(out, "\n(pair states cover the first 100000 pairs only)");
+    if conns.is_null() {
+        let _ = writeln!(
+            out,
+            "\n(pair states unavailable: /connections stayed busy with other requests)"
+        );
+    } else if conns["more"].as_u64().unwrap_or(0) > 0 {
+        let _ = writeln!(
+            out,
+            "\n(pair states cover the first {MAX_PAIRS} pairs only)"
+        );
     }
 
     let mut reasons: BTreeMap<String, f64> = BTreeMap::new();

@@ -239,8 +239,10 @@ pub struct KeepaliveInForce {
 
 /// Reads TCP_INFO and the keepalive options of a socket a live pair owns.
 ///
-/// `fd` must be open for the duration of the call; the pair registry guarantees
-/// it by holding its lock, which pairs take to unregister before they close.
+/// `fd` must name the pair's socket for the whole call. The pair registry
+/// guarantees it: it calls this only while it holds that pair's entry lock and
+/// finds the number still set there, and a pair clears the number under that
+/// lock before it closes its sockets.
 pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
     let (info, _) = raw::tcp_info(fd)?;
     let ka = read_keepalive(&raw::Borrowed(fd))?;
@@ -293,7 +295,8 @@ fn tcp_state_name(state: u8) -> &'static str {
 }
 
 /// The only unsafe code in kaproxy: TCP_INFO has no safe wrapper in socket2,
-/// and the registry refers to live sockets by descriptor number.
+/// and the registry refers to live sockets by descriptor number (a pair owns its
+/// sockets and lends the registry nothing it could keep open).
 #[allow(unsafe_code)]
 mod raw {
     use std::io;
@@ -304,8 +307,11 @@ mod raw {
 
     impl AsFd for Borrowed {
         fn as_fd(&self) -> BorrowedFd<'_> {
-            // SAFETY: callers construct `Borrowed` only for descriptors the pair
-            // registry holds open (it is locked for the whole use).
+            // SAFETY: `Borrowed` is only made by `snapshot` and `addresses`, whose
+            // caller (the pair registry) holds the pair's entry lock for the whole
+            // call with the number still set; the pair clears it under that lock
+            // before closing the socket, so the descriptor stays open and the
+            // pair's own while this borrow lives.
             unsafe { BorrowedFd::borrow_raw(self.0) }
         }
     }
@@ -316,7 +322,9 @@ mod raw {
         let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
         let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
         // SAFETY: the pointer and length describe `info`, which outlives the call;
-        // the kernel writes at most `len` bytes.
+        // the kernel writes at most `len` bytes. `fd` is open and the pair's own
+        // (see `Borrowed`); a wrong number could only fail or read another
+        // socket's counters, never write memory.
         let rc = unsafe {
             libc::getsockopt(
                 fd,

@@ -1,9 +1,22 @@
 //! Live pairs, for `/connections`: which sockets each pair owns, so a request
 //! can read TCP_INFO from them at that moment.
+//!
+//! Pairs register and unregister on the runtime workers, so nothing here may
+//! make them wait behind a `/connections` request:
+//! - the map is split into shards by pair id, and a shard is only locked to
+//!   insert, remove or clone entry handles, never while a socket is read;
+//! - each entry has its own lock over its descriptor numbers. A pair clears
+//!   them under that lock before it closes its sockets, and a reader uses them
+//!   only under that lock and only while they are still set. A number is thus
+//!   never used once the pair could have closed it, when the kernel may already
+//!   have given it to another socket. A closing pair waits at most for the read
+//!   of its own two sockets.
 
-use std::collections::HashMap;
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::{BinaryHeap, HashMap};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -11,43 +24,65 @@ use tokio::net::TcpStream;
 use super::relay::RelayStats;
 use crate::net::sockopt::{self, SocketSnapshot};
 
+/// Shards of the pair map: enough that pairs opening and closing on a few
+/// workers rarely meet on one lock.
+const SHARDS: usize = 32;
+
+/// The descriptor numbers of a pair's sockets, `None` once the pair may close them.
+#[derive(Debug, Default)]
+struct Fds {
+    client: Option<RawFd>,
+    upstream: Option<RawFd>,
+}
+
 #[derive(Debug)]
 struct Entry {
+    id: u64,
     route: Arc<str>,
-    client: RawFd,
-    upstream: Option<RawFd>,
     stats: Arc<RelayStats>,
+    fds: Mutex<Fds>,
 }
 
 /// Every live pair of the process.
-///
-/// Descriptor numbers are only used while the lock is held, and a pair
-/// unregisters (taking the lock) before its sockets are closed, so a number
-/// read here always names the pair's own, still open socket.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
-    pairs: Mutex<HashMap<u64, Entry>>,
+    shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
+}
+
+impl Default for Registry {
+    fn default() -> Registry {
+        Registry {
+            shards: std::array::from_fn(|_| Mutex::default()),
+        }
+    }
+}
+
+/// Entries and descriptor numbers are plain data that no panic can leave
+/// half-written, so a poisoned lock is still good to use.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Removes the pair from the registry when dropped; dropped before the sockets.
 #[derive(Debug)]
 pub struct Registration<'a> {
     registry: &'a Registry,
-    id: u64,
+    entry: Arc<Entry>,
 }
 
 impl Registration<'_> {
     /// Records the upstream socket once connected.
     pub fn set_upstream(&self, upstream: &TcpStream) {
-        if let Some(e) = self.registry.lock().get_mut(&self.id) {
-            e.upstream = Some(upstream.as_raw_fd());
-        }
+        lock(&self.entry.fds).upstream = Some(upstream.as_raw_fd());
     }
 }
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        self.registry.lock().remove(&self.id);
+        // First, and under the entry's lock: once this returns, no reader holds or
+        // can take the numbers, so the pair may close its sockets.
+        *lock(&self.entry.fds) = Fds::default();
+        lock(self.registry.shard(self.entry.id)).remove(&self.entry.id);
     }
 }
 
@@ -87,6 +122,7 @@ pub struct PairView {
     pub upstream: Option<SideView>,
 }
 
+/// Only called with a number read under its entry's lock, which is still held.
 fn side_view(fd: RawFd) -> SideView {
     let (peer, local) = sockopt::addresses(fd).unwrap_or((None, None));
     let snap = sockopt::snapshot(fd);
@@ -98,10 +134,74 @@ fn side_view(fd: RawFd) -> SideView {
     }
 }
 
+impl Entry {
+    /// Reads the pair's sockets now; `None` if it has unregistered since it was listed.
+    fn view(&self) -> Option<PairView> {
+        let fds = lock(&self.fds);
+        let client = side_view(fds.client?);
+        let upstream = fds.upstream.map(side_view);
+        drop(fds);
+        let stats = &self.stats;
+        Some(PairView {
+            id: self.id,
+            route: self.route.to_string(),
+            age_ms: stats.age().as_millis() as u64,
+            idle_ms: stats.idle().as_millis() as u64,
+            bytes_client_to_upstream: stats.client_to_upstream.load(Ordering::Relaxed),
+            bytes_upstream_to_client: stats.upstream_to_client.load(Ordering::Relaxed),
+            client,
+            upstream,
+        })
+    }
+}
+
+/// Orders entries by id, for picking the oldest pairs.
+struct ById(Arc<Entry>);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &ById) -> bool {
+        self.0.id == other.0.id
+    }
+}
+
+impl Eq for ById {}
+
+impl PartialOrd for ById {
+    fn partial_cmp(&self, other: &ById) -> Option<CmpOrdering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ById {
+    fn cmp(&self, other: &ById) -> CmpOrdering {
+        self.0.id.cmp(&other.0.id)
+    }
+}
+
+/// Pairs picked for one `/connections` answer; their sockets are read by [`Listing::read`].
+#[derive(Debug)]
+pub struct Listing {
+    entries: Vec<Arc<Entry>>,
+    more: usize,
+}
+
+impl Listing {
+    /// How many more pairs matched than were picked.
+    pub fn more(&self) -> usize {
+        self.more
+    }
+
+    /// Reads the picked pairs' sockets one pair at a time, oldest first, leaving out
+    /// pairs that have closed since they were picked. Makes blocking system calls
+    /// (two sockets per pair): run it off the runtime workers.
+    pub fn read(self) -> impl Iterator<Item = PairView> {
+        self.entries.into_iter().filter_map(|e| e.view())
+    }
+}
+
 impl Registry {
-    fn lock(&self) -> MutexGuard<'_, HashMap<u64, Entry>> {
-        // Entries are plain data; a panic elsewhere cannot leave one half-written.
-        self.pairs.lock().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
+        &self.shards[(id % SHARDS as u64) as usize]
     }
 
     /// Registers a pair by its client socket.
@@ -112,52 +212,151 @@ impl Registry {
         client: &TcpStream,
         stats: Arc<RelayStats>,
     ) -> Registration<'a> {
-        self.lock().insert(
+        let entry = Arc::new(Entry {
             id,
-            Entry {
-                route,
-                client: client.as_raw_fd(),
+            route,
+            stats,
+            fds: Mutex::new(Fds {
+                client: Some(client.as_raw_fd()),
                 upstream: None,
-                stats,
-            },
-        );
-        Registration { registry: self, id }
+            }),
+        });
+        lock(self.shard(id)).insert(id, entry.clone());
+        Registration {
+            registry: self,
+            entry,
+        }
     }
 
-    /// Up to `limit` live pairs (of `route` if given), oldest first, with TCP_INFO
-    /// read now; and how many more matched.
-    pub fn snapshot(&self, route: Option<&str>, limit: usize) -> (Vec<PairView>, usize) {
-        let pairs = self.lock();
-        let mut ids: Vec<u64> = pairs
+    /// Picks up to `limit` live pairs (of `route` if given), oldest first, and
+    /// counts how many more matched. Reads no socket; shards are locked one at a
+    /// time, so this is not an instant picture across shards, only of each pair.
+    pub fn list(&self, route: Option<&str>, limit: usize) -> Listing {
+        // A max-heap of the lowest ids seen: memory follows `limit`, not the number of pairs.
+        let mut oldest: BinaryHeap<ById> = BinaryHeap::new();
+        let mut matched = 0usize;
+        for shard in &self.shards {
+            let shard = lock(shard);
+            for e in shard.values() {
+                if route.is_some_and(|r| *e.route != *r) {
+                    continue;
+                }
+                matched += 1;
+                if oldest.len() < limit {
+                    oldest.push(ById(e.clone()));
+                } else if let Some(mut newest) = oldest.peek_mut() {
+                    if e.id < newest.0.id {
+                        *newest = ById(e.clone());
+                    }
+                }
+            }
+        }
+        let entries: Vec<Arc<Entry>> = oldest.into_sorted_vec().into_iter().map(|e| e.0).collect();
+        Listing {
+            more: matched - entries.len(),
+            entries,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected loopback pair of tokio streams.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    fn ids(listing: Listing) -> (Vec<u64>, usize) {
+        let more = listing.more();
+        (listing.read().map(|p| p.id).collect(), more)
+    }
+
+    #[tokio::test]
+    async fn lists_the_oldest_pairs_of_a_route_up_to_the_limit() {
+        let registry = Registry::default();
+        let mut sockets = Vec::new();
+        for _ in 0..4 {
+            sockets.push(socket_pair().await);
+        }
+        // Ids out of order and in different shards.
+        let pairs = [(70, "web"), (5, "web"), (38, "web"), (6, "db")];
+        let regs: Vec<_> = pairs
             .iter()
-            .filter(|(_, e)| route.is_none_or(|r| &*e.route == r))
-            .map(|(id, _)| *id)
-            .collect();
-        ids.sort_unstable();
-        let more = ids.len().saturating_sub(limit);
-        let views = ids
-            .into_iter()
-            .take(limit)
-            .filter_map(|id| {
-                let e = pairs.get(&id)?;
-                Some(PairView {
-                    id,
-                    route: e.route.to_string(),
-                    age_ms: e.stats.age().as_millis() as u64,
-                    idle_ms: e.stats.idle().as_millis() as u64,
-                    bytes_client_to_upstream: e
-                        .stats
-                        .client_to_upstream
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    bytes_upstream_to_client: e
-                        .stats
-                        .upstream_to_client
-                        .load(std::sync::atomic::Ordering::Relaxed),
-                    client: side_view(e.client),
-                    upstream: e.upstream.map(side_view),
-                })
+            .zip(&sockets)
+            .map(|(&(id, route), (client, _))| {
+                registry.register(id, Arc::from(route), client, Arc::new(RelayStats::new()))
             })
             .collect();
-        (views, more)
+        assert_eq!(ids(registry.list(None, 10)), (vec![5, 6, 38, 70], 0));
+        assert_eq!(ids(registry.list(None, 2)), (vec![5, 6], 2));
+        assert_eq!(ids(registry.list(Some("web"), 2)), (vec![5, 38], 1));
+        assert_eq!(ids(registry.list(Some("db"), 0)), (vec![], 1));
+        assert_eq!(ids(registry.list(Some("none"), 10)), (vec![], 0));
+        drop(regs);
+        assert_eq!(ids(registry.list(None, 10)), (vec![], 0));
+    }
+
+    #[tokio::test]
+    async fn a_pair_closed_after_being_listed_is_not_read() {
+        let registry = Registry::default();
+        let (client, _peer) = socket_pair().await;
+        let (upstream, _up_peer) = socket_pair().await;
+        let reg = registry.register(1, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        reg.set_upstream(&upstream);
+        let listing = registry.list(None, 10);
+        let still = registry.list(None, 10);
+        drop(reg);
+        // Closing the sockets frees their numbers for the next socket opened.
+        drop((client, upstream));
+        let _reuse = socket_pair().await;
+        assert_eq!(listing.read().count(), 0);
+        assert_eq!(still.more(), 0);
+
+        let (client, _peer) = socket_pair().await;
+        let reg = registry.register(2, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        let views: Vec<PairView> = registry.list(None, 10).read().collect();
+        assert_eq!(views.len(), 1);
+        let v = &views[0];
+        assert_eq!(
+            v.client.local_address,
+            client.local_addr().ok().map(|a| a.to_string())
+        );
+        assert!(v.client.error.is_none() && v.upstream.is_none());
+        drop(reg);
+    }
+
+    #[test]
+    fn other_pairs_come_and_go_while_a_reader_holds_an_entry() {
+        let registry = Arc::new(Registry::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let (client, _peer) = rt.block_on(socket_pair());
+        let client = Arc::new(client);
+        let reg = registry.register(9, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        let listing = registry.list(None, 10);
+        let reading = lock(&listing.entries[0].fds);
+        let (done, finished) = std::sync::mpsc::channel();
+        let (r, c) = (registry.clone(), client.clone());
+        std::thread::spawn(move || {
+            for id in 10..10 + SHARDS as u64 {
+                drop(r.register(id, Arc::from("web"), &c, Arc::new(RelayStats::new())));
+            }
+            let _ = done.send(());
+        });
+        finished
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("registering other pairs waited on the entry being read");
+        drop(reading);
+        drop(reg);
+        assert_eq!(listing.read().count(), 0);
+        assert_eq!(ids(registry.list(None, 10)), (vec![], 0));
     }
 }
