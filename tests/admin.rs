@@ -49,7 +49,7 @@ fn poll<T>(within: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T 
 fn connections_show_each_side_with_the_keepalive_settings_in_force() {
     let up = echo_server();
     let config = format!(
-        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {{ idle = \"20s\", interval = \"4s\", probes = 5 }}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {{ idle = \"33s\", interval = \"7s\", probes = 2, user_timeout = \"2500ms\" }}\n"
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {{ idle = \"20s\", interval = \"4s\", probes = 5 }}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {{ idle = \"33s\", interval = \"7s\", probes = 2, user_timeout = \"2500ms\", stall_timeout = \"7s\" }}\n"
     );
     let proxy = Proxy::start(&config);
     let mut c = connect(proxy.addr("web"));
@@ -75,8 +75,11 @@ fn connections_show_each_side_with_the_keepalive_settings_in_force() {
         assert!(p[side]["rtt_us"].as_u64().is_some(), "{p}");
         assert!(p[side]["last_data_recv_ms"].as_u64().is_some(), "{p}");
     }
-    // Read back from the sockets, not echoed from the config.
+    // Read back from the sockets, not echoed from the config; user_timeout and
+    // stall_timeout are kaproxy's own, and the kernel's TCP_USER_TIMEOUT is off.
     assert_eq!(p["client"]["keepalive"]["enabled"], true);
+    assert_eq!(p["client"]["keepalive"]["stall_timeout_ms"], 0);
+    assert_eq!(p["upstream"]["keepalive"]["stall_timeout_ms"], 7000);
     assert_eq!(
         keepalive_of(&p["client"]),
         (Some(20), Some(4), Some(5), Some(40_000))
@@ -806,4 +809,48 @@ fn connections_under_churn_list_only_live_pairs() {
             "pair {id} listed with another pair's client address"
         );
     }
+}
+
+#[test]
+fn bytes_are_counted_while_a_long_pair_is_still_open() {
+    let up = echo_server();
+    let proxy = Proxy::start(&one_route("long", &[up], ""));
+    let mut c = connect(proxy.addr("long"));
+    let chunk = vec![7u8; 100 * 1024];
+    assert_eq!(round_trip(&mut c, &chunk).unwrap(), chunk);
+    // The pair stays open: its traffic must show now, not when it closes.
+    let series = |direction: &str| {
+        format!("kaproxy_bytes_total{{route=\"long\",direction=\"{direction}\"}}")
+    };
+    let text = poll(Duration::from_secs(5), "100 KiB counted each way", || {
+        let (status, text) = admin_get(proxy.admin(), "/metrics");
+        assert_eq!(status, 200);
+        let both = ["client_to_upstream", "upstream_to_client"]
+            .iter()
+            .all(|d| metric(&text, &series(d)) == Some(102_400.0));
+        both.then_some(text)
+    });
+    assert_eq!(
+        metric(&text, "kaproxy_pairs_active{route=\"long\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(proxy.closes().is_empty());
+    // Every close reason and both detection histograms exist from the start.
+    assert_eq!(
+        metric(
+            &text,
+            "kaproxy_pairs_closed_total{route=\"long\",reason=\"client_stalled\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "kaproxy_dead_peer_detection_seconds_count{route=\"long\",side=\"upstream\"}"
+        ),
+        Some(0.0),
+        "{text}"
+    );
 }

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::pair::registry::{Listing, Registry};
+use crate::pair::watchdog::WatchSpec;
 use crate::pair::RouteState;
 use metrics::Metrics;
 
@@ -304,13 +305,29 @@ async fn connections(
             .insert(RETRY_AFTER, HeaderValue::from_static(BUSY_RETRY_AFTER));
         return r;
     };
+    // What each route's watchdogs enforce, for the sides' `user_timeout_ms` and
+    // `stall_timeout_ms`: those live in kaproxy, not in the socket.
+    let watches: HashMap<String, [WatchSpec; 2]> = state
+        .routes
+        .iter()
+        .map(|(r, _)| {
+            let route = &r.route;
+            (
+                route.name.clone(),
+                [
+                    WatchSpec::of(&route.client.keepalive),
+                    WatchSpec::of(&route.upstream.keepalive),
+                ],
+            )
+        })
+        .collect();
     let registry = state.registry.clone();
     // Listing walks every pair and reading makes system calls on two sockets per
     // pair: neither belongs on a runtime worker that relays bytes.
     let read = tokio::task::spawn_blocking(move || {
         // Held until the sockets are read, even if the client has gone away.
         let _permit = permit;
-        connections_json(registry.list(route.as_deref(), limit))
+        connections_json(registry.list(route.as_deref(), limit), &watches)
     });
     match read.await {
         Ok(Ok(body)) => respond(StatusCode::OK, "application/json", body),
@@ -332,10 +349,26 @@ async fn connections(
 /// sockets are read, so memory follows the size of the answer and never holds a
 /// second copy of it. `returned` comes last: a pair that closes before its
 /// sockets are read is left out.
-fn connections_json(listing: Listing) -> serde_json::Result<Vec<u8>> {
+fn connections_json(
+    listing: Listing,
+    watches: &HashMap<String, [WatchSpec; 2]>,
+) -> serde_json::Result<Vec<u8>> {
+    let ms = |d: Option<std::time::Duration>| d.map_or(0, |d| d.as_millis() as u64);
     let mut out = format!("{{\"more\":{},\"pairs\":[", listing.more()).into_bytes();
     let mut returned = 0usize;
-    for pair in listing.read() {
+    for mut pair in listing.read() {
+        if let Some([client, upstream]) = watches.get(&pair.route) {
+            let sides = [
+                (Some(&mut pair.client), client),
+                (pair.upstream.as_mut(), upstream),
+            ];
+            for (side, watch) in sides {
+                if let Some(tcp) = side.and_then(|s| s.tcp.as_mut()) {
+                    tcp.keepalive.user_timeout_ms = ms(watch.dead_after);
+                    tcp.keepalive.stall_timeout_ms = ms(watch.stall_after);
+                }
+            }
+        }
         if returned > 0 {
             out.push(b',');
         }

@@ -222,7 +222,8 @@ pub struct SocketSnapshot {
     pub keepalive: KeepaliveInForce,
 }
 
-/// Keepalive settings as the kernel holds them.
+/// Keepalive settings in force on a socket: the kernel's, read back, and the
+/// two that kaproxy enforces itself.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct KeepaliveInForce {
     /// SO_KEEPALIVE.
@@ -233,8 +234,12 @@ pub struct KeepaliveInForce {
     pub interval_s: u64,
     /// TCP_KEEPCNT.
     pub probes: u32,
-    /// TCP_USER_TIMEOUT in milliseconds, 0 = off.
+    /// `user_timeout` as kaproxy enforces it from TCP_INFO, 0 = off. Not read
+    /// from the socket: the kernel's TCP_USER_TIMEOUT stays 0 (see the module
+    /// docs); the caller fills this in from the route.
     pub user_timeout_ms: u64,
+    /// `stall_timeout`, 0 = off; filled in from the route like `user_timeout_ms`.
+    pub stall_timeout_ms: u64,
 }
 
 /// Reads TCP_INFO and the keepalive options of a socket a live pair owns.
@@ -261,7 +266,8 @@ pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
             idle_s: ka.idle.as_secs(),
             interval_s: ka.interval.as_secs(),
             probes: ka.probes,
-            user_timeout_ms: ka.user_timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
+            user_timeout_ms: 0,
+            stall_timeout_ms: 0,
         },
     })
 }
