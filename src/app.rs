@@ -9,13 +9,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::{self, metrics::Metrics, AdminState};
+use crate::admin::{self, AdminState};
 use crate::config::{fmt_duration, Config};
 use crate::health;
-use crate::net::{listen, sockopt};
+use crate::net::sockopt;
 use crate::pair::registry::Registry;
-use crate::pair::RouteState;
+use crate::pair::{self, accept, RouteState};
 use crate::pool::Pool;
+use crate::telemetry::metrics::Metrics;
 
 /// After the grace period, pairs are told to close; this bounds how long that takes.
 const KILL_WAIT: Duration = Duration::from_secs(1);
@@ -108,9 +109,9 @@ impl App {
                 .collect();
             tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
             let health_check = route.upstream.health_check.clone();
-            let route_metrics = metrics.route(&route.name);
+            let route_metrics = pair::route_metrics(&metrics, &route.name);
             let state = Arc::new(RouteState {
-                pool: Pool::new(&route.name, &route.upstream, metrics.clone()),
+                pool: Arc::new(Pool::new(&route.name, &route.upstream, metrics.clone())),
                 name: Arc::from(route.name.as_str()),
                 route,
                 ids: ids.clone(),
@@ -121,14 +122,15 @@ impl App {
             if let Some(check) = health_check {
                 for index in 0..state.pool.servers.len() {
                     app.services.spawn(health::run(
-                        state.clone(),
+                        state.pool.clone(),
                         index,
                         check.clone(),
+                        state.route.upstream.keepalive,
                         app.stop_accepting.clone(),
                     ));
                 }
             }
-            app.services.spawn(listen::accept_loop(
+            app.services.spawn(accept::accept_loop(
                 listener,
                 state,
                 app.stop_accepting.clone(),

@@ -12,18 +12,19 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{fmt_duration, HealthCheck, HealthKind, KeepaliveSpec, ServerAddr};
 use crate::net::connect;
-use crate::pair::RouteState;
+use crate::pool::Pool;
 
-/// Checks server `index` of `route` every interval until `stop` is cancelled.
+/// Checks server `index` of `pool` every interval until `stop` is cancelled,
+/// connecting with the route's upstream `keepalive`.
 /// The first check runs at once, so a server starts in the state it is really in.
 pub async fn run(
-    route: Arc<RouteState>,
+    pool: Arc<Pool>,
     index: usize,
     check: HealthCheck,
+    keepalive: KeepaliveSpec,
     stop: CancellationToken,
 ) {
-    let server = route.pool.servers[index].spec.addr.clone();
-    let keepalive = route.route.upstream.keepalive;
+    let server = pool.servers[index].spec.addr.clone();
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
@@ -36,10 +37,8 @@ pub async fn run(
             Ok(d) => (true, d),
             Err(d) => (false, d),
         };
-        tracing::debug!(route = %route.route.name, server = %server, ok, detail, "health check");
-        route
-            .pool
-            .health_result(index, ok, &detail, check.rise, check.fall);
+        tracing::debug!(route = pool.route(), server = %server, ok, detail, "health check");
+        pool.health_result(index, ok, &detail, check.rise, check.fall);
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(check.interval) => {}

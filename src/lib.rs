@@ -4,12 +4,13 @@
 //!
 //! Layout:
 //! - [`config`]: TOML → validated [`config::Config`] (raw serde layer, inheritance, kernel range checks).
-//! - [`net`]: socket options (the only socket2 user), listeners, upstream connects.
-//! - [`pair`]: one task per connection pair: relay with half-close, close reasons.
+//! - [`telemetry`]: log output and the Prometheus series (the ground floor: everything records into it).
+//! - [`net`]: socket options (the only socket2 user), upstream connects, splice.
 //! - [`pool`], [`balance`], [`health`]: a route's servers, how they are chosen, active checks.
-//! - [`admin`]: the hyper admin endpoint, Prometheus metrics, `kaproxy status`.
+//! - [`pair`]: accept loops and one task per connection pair: relay with half-close, watchdog, close reasons.
+//! - [`admin`]: the hyper admin endpoint (renders metrics, lists pairs), `kaproxy status`.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
-//! - [`cli`] and [`telemetry`]: command line and log output, used by the binary.
+//! - [`cli`]: the command line, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

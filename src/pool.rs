@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use std::sync::Arc;
 
-use crate::admin::metrics::Metrics;
 use crate::balance::{self, BalanceState, Candidate};
 use crate::config::{fmt_duration, Balance, Ejection, Server, UpstreamSpec};
+use crate::telemetry::metrics::Metrics;
 
 /// At most one "every server is down" warning per route per this period.
 const FAIL_OPEN_LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -129,6 +129,11 @@ impl Pool {
             last_fail_open_log: Mutex::new(None),
             metrics,
         }
+    }
+
+    /// The route these servers belong to.
+    pub fn route(&self) -> &str {
+        &self.route
     }
 
     fn eligible(&self, i: usize, now: Instant) -> bool {

@@ -2,7 +2,6 @@
 //! `/connections`, `/upstreams`. Read-only: it looks at shared state and never
 //! touches a pair, and it is bounded so that it cannot be used to stall the proxy.
 
-pub mod metrics;
 pub mod status;
 
 use std::collections::HashMap;
@@ -25,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::pair::registry::{Listing, Registry};
 use crate::pair::watchdog::WatchSpec;
 use crate::pair::RouteState;
-use metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// Admin connections served at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 64;

@@ -114,8 +114,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
 
-    use crate::admin::metrics::Metrics;
     use crate::config::{Balance, Server, DEFAULT_EJECTION};
+    use crate::telemetry::metrics::Metrics;
 
     /// A listener whose accept queue is full, so the kernel drops further SYNs and
     /// connects to it hang: a server that accepts slowly. Returns what must stay

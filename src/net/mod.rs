@@ -1,6 +1,5 @@
-//! Sockets: options, listeners, upstream connects.
+//! Sockets: options, upstream connects, splice.
 
 pub mod connect;
-pub mod listen;
 pub mod sockopt;
 pub mod splice;

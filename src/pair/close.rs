@@ -3,13 +3,14 @@
 use std::fmt;
 use std::io;
 
-/// Which side of a pair something happened on.
+/// Which side of a pair something happened on. The discriminants index
+/// per-side arrays (metrics, watchdogs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
     /// The connection accepted from a client.
-    Client,
+    Client = 0,
     /// The connection kaproxy opened to a server.
-    Upstream,
+    Upstream = 1,
 }
 
 impl Side {

@@ -1,5 +1,6 @@
 //! The pair task: client options, upstream connect, relay, then one close event.
 
+pub mod accept;
 pub mod close;
 mod direction;
 pub mod registry;
@@ -15,10 +16,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{field, Instrument};
 
-use crate::admin::metrics::RouteMetrics;
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
+use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use close::{CloseReason, Side, SideError};
 use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
@@ -36,13 +37,22 @@ pub struct RouteState {
     /// The route name, shared with registry entries.
     pub name: Arc<str>,
     /// Its servers' live state.
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     /// Pair ids, unique within the process.
     pub ids: Arc<AtomicU64>,
     /// Live pairs of every route.
     pub registry: Arc<Registry>,
     /// This route's metric series, resolved once.
     pub metrics: RouteMetrics,
+}
+
+/// The metric series of route `name`, with every close reason and both sides.
+pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
+    metrics.route(
+        name,
+        &CloseReason::ALL.map(CloseReason::as_str),
+        [Side::Client.as_str(), Side::Upstream.as_str()],
+    )
 }
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
@@ -174,9 +184,10 @@ impl Close<'_> {
             .reason
             .dead_side()
             .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
+        let detection = detection.map(|(side, secs)| (side as usize, secs));
         self.route
             .metrics
-            .pair_closed(end.reason, age.as_secs_f64(), detection);
+            .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
         let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
         tracing::info!(
             reason = end.reason.as_str(),

@@ -26,8 +26,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use super::close::{classify, CloseReason, Side, SideError};
 use super::direction::{Direction, Io};
 use super::watchdog::{SideWatch, Verdict, WatchSpec};
-use crate::admin::metrics::RouteBytes;
 use crate::net::sockopt;
+use crate::telemetry::metrics::RouteBytes;
 
 /// Timers and watchdogs of one pair.
 #[derive(Debug, Clone, Copy)]

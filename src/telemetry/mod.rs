@@ -1,4 +1,7 @@
-//! Log output: text or JSON lines on stdout, filtered by `KAPROXY_LOG`.
+//! Log output (text or JSON lines on stdout, filtered by `KAPROXY_LOG`) and,
+//! in [`metrics`], the Prometheus series everything records into.
+
+pub mod metrics;
 
 use std::io::IsTerminal;
 

@@ -9,7 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::pair::{self, RouteState};
+use super::RouteState;
 
 /// First pause after running out of descriptors or memory; doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -37,7 +37,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
-                pairs.spawn(pair::run(route.clone(), stream, addr, kill_pairs.clone()));
+                pairs.spawn(super::run(route.clone(), stream, addr, kill_pairs.clone()));
             }
             Err(e) => {
                 let errno = e.raw_os_error();

@@ -1,5 +1,9 @@
 //! `kaproxy_*` Prometheus metrics, labelled by route (and server, reason, side,
 //! direction where they apply). Encoded by prometheus-client, never by hand.
+//!
+//! This sits at the bottom of the house: pairs and pools record into it, the
+//! admin endpoint only renders it. It knows label values, not what they mean:
+//! the close reasons and sides are handed in by name.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -8,8 +12,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-
-use crate::pair::close::{CloseReason, Side};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -74,7 +76,8 @@ pub struct RouteBytes {
 pub struct RouteMetrics {
     active: Gauge,
     accepted: Counter,
-    closed: [Counter; CloseReason::ALL.len()],
+    /// One counter per close reason, in the order the reasons were given.
+    closed: Box<[Counter]>,
     duration: Histogram,
     detection: [Histogram; 2],
     /// Byte counters, which the relay adds to as it writes.
@@ -88,17 +91,18 @@ impl RouteMetrics {
         self.active.inc();
     }
 
-    /// A pair ended; `detection` is the time since the dead side last sent data.
-    pub fn pair_closed(&self, reason: CloseReason, seconds: f64, detection: Option<(Side, f64)>) {
+    /// A pair ended with the reason at `reason` (an index into the names given
+    /// to [`Metrics::route`]); `detection`: the dead side's index and the time
+    /// since it last sent data.
+    pub fn pair_closed(&self, reason: usize, seconds: f64, detection: Option<(usize, f64)>) {
         self.active.dec();
-        self.closed[reason.index()].inc();
+        if let Some(c) = self.closed.get(reason) {
+            c.inc();
+        }
         self.duration.observe(seconds);
-        if let Some((side, secs)) = detection {
-            let i = match side {
-                Side::Client => 0,
-                Side::Upstream => 1,
-            };
-            self.detection[i].observe(secs);
+        if let Some(h) = detection.and_then(|(side, secs)| Some((self.detection.get(side)?, secs)))
+        {
+            h.0.observe(h.1);
         }
     }
 }
@@ -212,21 +216,32 @@ impl Metrics {
     /// Every series of one route, created now (at zero, so that alert rules
     /// and `rate()` see them before the first event) and resolved once, so
     /// that a pair records without hashing labels or allocating.
-    pub fn route(&self, route: &str) -> RouteMetrics {
+    ///
+    /// `reasons` are the close reasons' label values and `sides` the two
+    /// sides', in the order [`RouteMetrics::pair_closed`] refers to them.
+    pub fn route(
+        &self,
+        route: &str,
+        reasons: &[&'static str],
+        sides: [&'static str; 2],
+    ) -> RouteMetrics {
         let name = || route.to_string();
-        let closed = CloseReason::ALL.map(|reason| {
-            self.pairs_closed
-                .get_or_create(&ReasonLabels {
-                    route: name(),
-                    reason: reason.as_str(),
-                })
-                .clone()
-        });
-        let detection = [Side::Client, Side::Upstream].map(|side| {
+        let closed = reasons
+            .iter()
+            .map(|&reason| {
+                self.pairs_closed
+                    .get_or_create(&ReasonLabels {
+                        route: name(),
+                        reason,
+                    })
+                    .clone()
+            })
+            .collect();
+        let detection = sides.map(|side| {
             self.detection
                 .get_or_create(&SideLabels {
                     route: name(),
-                    side: side.as_str(),
+                    side,
                 })
                 .clone()
         });
