@@ -1,6 +1,5 @@
 //! Wires a [`Config`] into listeners and pair tasks, and owns the one shutdown path.
 
-use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,13 +22,13 @@ const KILL_WAIT: Duration = Duration::from_secs(1);
 
 /// A route that could not start.
 #[derive(Debug, thiserror::Error)]
-#[error("{route}: cannot listen on {addr}: {source}")]
+#[error("{route}: {what}: {source}")]
 pub struct StartError {
-    /// What was to listen: `route "name"` or `admin endpoint`.
+    /// What was to start: `route "name"` or `admin endpoint`.
     pub route: String,
-    /// Address asked for.
-    pub addr: SocketAddr,
-    /// The bind/listen error.
+    /// What failed, e.g. `cannot listen on 0.0.0.0:8080`.
+    pub what: String,
+    /// The underlying error.
     pub source: std::io::Error,
 }
 
@@ -52,22 +51,22 @@ impl App {
     pub async fn start(config: Config) -> Result<App, StartError> {
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            let std_listener =
-                sockopt::bind_listener(route.listen).map_err(|source| StartError {
-                    route: format!("route \"{}\"", route.name),
-                    addr: route.listen,
+            let fail = |what: String| {
+                let name = format!("route \"{}\"", route.name);
+                move |source| StartError {
+                    route: name,
+                    what,
                     source,
-                })?;
-            let listener = TcpListener::from_std(std_listener).map_err(|source| StartError {
-                route: format!("route \"{}\"", route.name),
-                addr: route.listen,
-                source,
-            })?;
-            let addr = listener.local_addr().map_err(|source| StartError {
-                route: format!("route \"{}\"", route.name),
-                addr: route.listen,
-                source,
-            })?;
+                }
+            };
+            let listening = || format!("cannot listen on {}", route.listen);
+            // Client options go on the listener, which every accepted socket inherits.
+            let std_listener = sockopt::bind_listener(route.listen, Some(&route.client.keepalive))
+                .map_err(fail(listening()))?;
+            let listener = TcpListener::from_std(std_listener).map_err(fail(listening()))?;
+            let addr = listener.local_addr().map_err(fail(listening()))?;
+            sockopt::verify_upstream_options(&route.upstream.keepalive)
+                .map_err(fail("cannot set the upstream socket options".to_string()))?;
             listeners.push((listener, addr));
         }
 
@@ -84,11 +83,12 @@ impl App {
             Some(addr) => {
                 let fail = |source| StartError {
                     route: "admin endpoint".to_string(),
-                    addr,
+                    what: format!("cannot listen on {addr}"),
                     source,
                 };
-                let listener = TcpListener::from_std(sockopt::bind_listener(addr).map_err(fail)?)
-                    .map_err(fail)?;
+                let listener =
+                    TcpListener::from_std(sockopt::bind_listener(addr, None).map_err(fail)?)
+                        .map_err(fail)?;
                 let bound = listener.local_addr().map_err(fail)?;
                 // Logged before the routes' lines, so whoever waits for those has this one too.
                 tracing::info!(address = %bound, "admin listening");

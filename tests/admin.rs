@@ -854,3 +854,74 @@ fn bytes_are_counted_while_a_long_pair_is_still_open() {
         "{text}"
     );
 }
+
+#[test]
+fn accepted_sockets_inherit_the_client_options_of_their_route() {
+    // kaproxy sets client options once, on each route's listening socket; every
+    // accepted socket must hold them without a setsockopt of its own.
+    let up = echo_server();
+    // Route, its client keepalive, and what must be read back: enabled, idle, interval, probes.
+    type Expected = (bool, u64, u64, u64);
+    let routes: [(&str, &str, Expected); 3] = [
+        (
+            "odd",
+            "{ idle = \"7s\", interval = \"3s\", probes = 5 }",
+            (true, 7, 3, 5),
+        ),
+        (
+            "edge",
+            "{ idle = \"32767s\", interval = \"1s\", probes = 127 }",
+            (true, 32767, 1, 127),
+        ),
+        ("off", "{ enabled = false }", (false, 0, 0, 0)),
+    ];
+    let mut config = String::new();
+    for (name, ka, _) in &routes {
+        config += &format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = {ka}\n[route.upstream]\nservers = [\"{up}\"]\nkeepalive = {{ idle = \"11s\", interval = \"13s\", probes = 17 }}\n"
+        );
+    }
+    let proxy = Proxy::start(&config);
+    let mut clients = Vec::new();
+    for (name, _, _) in &routes {
+        let mut c = connect(proxy.addr(name));
+        assert_eq!(round_trip(&mut c, b"x").unwrap(), b"x");
+        clients.push(c);
+    }
+    let (status, v) = json(proxy.admin(), "/connections");
+    assert_eq!(status, 200);
+    for (name, _, (enabled, idle, interval, probes)) in &routes {
+        let p = v["pairs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["route"] == *name)
+            .unwrap_or_else(|| panic!("no pair of route {name}: {v}"));
+        let ka = &p["client"]["keepalive"];
+        assert_eq!(ka["enabled"], *enabled, "{name}: {ka}");
+        assert_eq!(ka["nodelay"], true, "{name}: {ka}");
+        if *enabled {
+            assert_eq!(
+                (
+                    ka["idle_s"].as_u64(),
+                    ka["interval_s"].as_u64(),
+                    ka["probes"].as_u64()
+                ),
+                (Some(*idle), Some(*interval), Some(*probes)),
+                "{name}: {ka}"
+            );
+        }
+        let up_ka = &p["upstream"]["keepalive"];
+        assert_eq!(
+            (
+                up_ka["enabled"].as_bool(),
+                up_ka["nodelay"].as_bool(),
+                up_ka["idle_s"].as_u64(),
+                up_ka["interval_s"].as_u64(),
+                up_ka["probes"].as_u64()
+            ),
+            (Some(true), Some(true), Some(11), Some(13), Some(17)),
+            "{name}: {up_ka}"
+        );
+    }
+}

@@ -37,37 +37,65 @@ pub struct AppliedKeepalive {
     pub user_timeout: Option<Duration>,
 }
 
-/// Applies one side's keepalive spec and TCP_NODELAY, then reads the values back:
-/// a socket that does not hold what the config promised is an error.
+/// Sets one side's keepalive spec and TCP_NODELAY on a fresh socket: only what
+/// differs from a new socket's defaults (keepalive off, Nagle on), without
+/// reading back. setsockopt either takes these exact values or fails, and the
+/// values were range-checked by the config layer, so a read-back per
+/// connection would only cost syscalls; [`apply_and_verify`] does it once per
+/// route at start-up instead.
 ///
-/// TCP_USER_TIMEOUT is not set (and is checked to be off): kaproxy enforces
-/// `user_timeout` itself so that a live peer that is slow to read is not taken for dead.
-pub fn apply_side<S>(socket: &S, spec: &KeepaliveSpec) -> io::Result<()>
+/// TCP_USER_TIMEOUT is not set: kaproxy enforces `user_timeout` itself so that
+/// a live peer that is slow to read is not taken for dead.
+pub fn set_side<S>(socket: &S, spec: &KeepaliveSpec) -> io::Result<()>
 where
     S: std::os::fd::AsFd,
 {
     let sock = SockRef::from(socket);
     sock.set_tcp_nodelay(true)?;
-    sock.set_keepalive(spec.enabled)?;
     if spec.enabled {
+        sock.set_keepalive(true)?;
         let params = TcpKeepalive::new()
             .with_time(spec.idle)
             .with_interval(spec.interval)
             .with_retries(spec.probes);
         sock.set_tcp_keepalive(&params)?;
     }
+    Ok(())
+}
 
+/// [`set_side`], then reads every value back: a kernel that silently holds
+/// something else than the config promised is an error, caught at start-up.
+pub fn apply_and_verify<S>(socket: &S, spec: &KeepaliveSpec) -> io::Result<()>
+where
+    S: std::os::fd::AsFd,
+{
+    set_side(socket, spec)?;
     let got = read_keepalive(socket)?;
+    let nodelay = SockRef::from(socket).tcp_nodelay()?;
     let user_timeout_ok = got.user_timeout.is_none();
     let keepalive_ok = got.enabled == spec.enabled
         && (!spec.enabled
             || (got.idle == spec.idle
                 && got.interval == spec.interval
                 && got.probes == spec.probes));
-    if !(user_timeout_ok && keepalive_ok) {
+    if !(nodelay && user_timeout_ok && keepalive_ok) {
         return Err(io::Error::other(format!(
-            "socket options did not stick: asked for {spec:?}, kernel holds {got:?}"
+            "socket options did not stick: asked for {spec:?} with TCP_NODELAY, kernel holds {got:?}, TCP_NODELAY {nodelay}"
         )));
+    }
+    Ok(())
+}
+
+/// Sets and reads back the upstream options on a throw-away socket of each
+/// address family, so a kernel that differs fails the start, not the first pair.
+pub fn verify_upstream_options(spec: &KeepaliveSpec) -> io::Result<()> {
+    for domain in [Domain::IPV4, Domain::IPV6] {
+        match Socket::new(domain, Type::STREAM, Some(Protocol::TCP)) {
+            Ok(socket) => apply_and_verify(&socket, spec)?,
+            // A host without IPv6 cannot have IPv6 upstreams either.
+            Err(e) if domain == Domain::IPV6 && e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
+            Err(e) => return Err(e),
+        }
     }
     Ok(())
 }
@@ -171,28 +199,48 @@ where
 
 /// Binds a non-blocking listening socket with SO_REUSEADDR, so a restart does not
 /// wait for TIME_WAIT sockets of the previous process.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+///
+/// `client`: the keepalive spec of the route's clients, set (and read back) on
+/// the listening socket itself. Linux copies SO_KEEPALIVE, TCP_KEEPIDLE,
+/// TCP_KEEPINTVL, TCP_KEEPCNT and TCP_NODELAY into every socket accept()
+/// returns, and arms the keepalive timer from the SYN on, so an accepted
+/// client costs no setsockopt at all.
+pub fn bind_listener(
+    addr: SocketAddr,
+    client: Option<&KeepaliveSpec>,
+) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
         // "[::]:port" means IPv6 only here, so "0.0.0.0:port" can be a separate route.
         socket.set_only_v6(true)?;
     }
-    socket.set_nonblocking(true)?;
+    if let Some(spec) = client {
+        apply_and_verify(&socket, spec)?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(LISTEN_BACKLOG)?;
     Ok(socket.into())
 }
 
-/// A non-blocking socket for `addr` with the upstream options already applied,
-/// so that keepalive and TCP_USER_TIMEOUT cover the connection from its SYN on.
+/// A non-blocking, close-on-exec socket for `addr` (one socket() call) with the
+/// upstream options already set, so that keepalive covers the connection from
+/// its SYN on.
 pub fn upstream_socket(
     addr: SocketAddr,
     spec: &KeepaliveSpec,
 ) -> io::Result<tokio::net::TcpSocket> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_nonblocking(true)?;
-    apply_side(&socket, spec)?;
+    // socket2 adds SOCK_CLOEXEC itself.
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking(),
+        Some(Protocol::TCP),
+    )?;
+    set_side(&socket, spec)?;
     let std_stream: std::net::TcpStream = socket.into();
     Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
 }
@@ -228,6 +276,8 @@ pub struct SocketSnapshot {
 pub struct KeepaliveInForce {
     /// SO_KEEPALIVE.
     pub enabled: bool,
+    /// TCP_NODELAY.
+    pub nodelay: bool,
     /// TCP_KEEPIDLE in seconds.
     pub idle_s: u64,
     /// TCP_KEEPINTVL in seconds.
@@ -263,6 +313,7 @@ pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
         last_ack_recv_ms: info.tcpi_last_ack_recv,
         keepalive: KeepaliveInForce {
             enabled: ka.enabled,
+            nodelay: SockRef::from(&raw::Borrowed(fd)).tcp_nodelay()?,
             idle_s: ka.idle.as_secs(),
             interval_s: ka.interval.as_secs(),
             probes: ka.probes,

@@ -20,7 +20,7 @@ use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
-use close::{CloseReason, Side, SideError};
+use close::{CloseReason, Side};
 use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
 use watchdog::WatchSpec;
@@ -89,15 +89,8 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
         stats: &stats,
     };
 
-    // Before any byte is relayed, so a client that dies at once is still covered.
-    if let Err(error) = sockopt::apply_side(&client, &r.client.keepalive) {
-        let end = RelayEnd::from_error(SideError {
-            side: Side::Client,
-            error,
-        });
-        close.finish(registration, &client, None, &end, None);
-        return;
-    }
+    // The client socket already carries its keepalive options: it inherited
+    // them from the listening socket (see sockopt::bind_listener).
 
     // Boxed: the connect state (resolver, timeout, socket) is large and only
     // lives until the pair is established, so it must not size the pair's task.
