@@ -81,10 +81,14 @@ fn main() -> ExitCode {
         }
     };
 
-    if let Err(e) = telemetry::init(cli.log_format) {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
+    // Held to the end of main: dropping it flushes the queued log lines.
+    let _log = match telemetry::init(cli.log_format) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

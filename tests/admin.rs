@@ -836,6 +836,11 @@ fn bytes_are_counted_while_a_long_pair_is_still_open() {
         "{text}"
     );
     assert!(proxy.closes().is_empty());
+    assert_eq!(
+        metric(&text, "kaproxy_log_lines_dropped_total"),
+        Some(0.0),
+        "{text}"
+    );
     // Every close reason and both detection histograms exist from the start.
     assert_eq!(
         metric(

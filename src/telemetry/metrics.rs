@@ -119,6 +119,7 @@ pub struct Metrics {
     upstream_up: Family<ServerLabels, Gauge>,
     pair_duration: Family<RouteLabel, Histogram, Buckets>,
     detection: Family<SideLabels, Histogram, Buckets>,
+    log_dropped: Counter,
 }
 
 impl std::fmt::Debug for Buckets {
@@ -146,6 +147,7 @@ impl Metrics {
             upstream_up: Family::default(),
             pair_duration: Family::new_with_constructor(Buckets(duration_buckets)),
             detection: Family::new_with_constructor(Buckets(detection_buckets)),
+            log_dropped: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -189,6 +191,11 @@ impl Metrics {
             m.detection.clone(),
         );
         registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stdout could not keep up (the queue was full)",
+            m.log_dropped.clone(),
+        );
+        registry.register(
             "build",
             "kaproxy build information",
             Info::new(vec![(
@@ -201,6 +208,11 @@ impl Metrics {
 
     /// Prometheus text exposition of everything.
     pub fn encode(&self) -> String {
+        let dropped = super::dropped_log_lines();
+        let seen = self.log_dropped.get();
+        if dropped > seen {
+            self.log_dropped.inc_by(dropped - seen);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
