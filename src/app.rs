@@ -110,6 +110,7 @@ impl App {
             tracing::info!(route = %route.name, address = %addr, servers = %servers.join(","), "route listening");
             let health_check = route.upstream.health_check.clone();
             let route_metrics = pair::route_metrics(&metrics, &route.name);
+            let limits = pair::relay::RelayLimits::of(&route);
             let state = Arc::new(RouteState {
                 pool: Arc::new(Pool::new(&route.name, &route.upstream, metrics.clone())),
                 name: Arc::from(route.name.as_str()),
@@ -117,6 +118,7 @@ impl App {
                 ids: ids.clone(),
                 registry: registry.clone(),
                 metrics: route_metrics,
+                limits,
             });
             admin_routes.push((state.clone(), addr));
             if let Some(check) = health_check {

@@ -11,11 +11,9 @@ use std::task::{ready, Context, Poll};
 use prometheus_client::metrics::counter::Counter;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use super::close::{blame, Side, SideError};
 use super::relay::RelayStats;
-use super::watchdog::{SideWatch, WatchSpec};
 use crate::net::sockopt;
 use crate::net::splice::{self, Pipe};
 
@@ -56,9 +54,9 @@ pub(super) struct Io<'a> {
     /// The route's count, which /metrics shows while the pair lives.
     pub route_bytes: &'a Counter,
     pub stats: &'a RelayStats,
-    /// The watchdog of the receiving side, armed by every write to it.
-    pub watch: &'a mut SideWatch,
-    pub watch_spec: &'a WatchSpec,
+    /// Set when data or a FIN was written to `to`: the receiving side's
+    /// watchdog then arms.
+    pub wrote: &'a mut bool,
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -70,16 +68,9 @@ fn transient(e: &io::Error) -> bool {
 
 /// Half-closes towards `to`. The FIN is data the peer must acknowledge, and
 /// keepalive does not run until it does, so the watchdog covers it like a write.
-fn pass_on_eof(
-    to: &TcpStream,
-    to_side: Side,
-    watch: &mut SideWatch,
-    watch_spec: &WatchSpec,
-) -> Result<(), SideError> {
+fn pass_on_eof(to: &TcpStream, to_side: Side, wrote_to: &mut bool) -> Result<(), SideError> {
     sockopt::shutdown_write(to).map_err(|e| blame(to_side, to, e))?;
-    if watch.due().is_none() {
-        watch.arm(watch_spec, Instant::now());
-    }
+    *wrote_to = true;
     Ok(())
 }
 
@@ -102,8 +93,7 @@ impl Direction {
             pair_bytes,
             route_bytes,
             stats,
-            watch,
-            watch_spec,
+            wrote: wrote_to,
         } = io;
         let to_side = from_side.other();
         let from_err = |e| blame(from_side, from, e);
@@ -112,9 +102,7 @@ impl Direction {
             pair_bytes.fetch_add(n as u64, Ordering::Relaxed);
             route_bytes.inc_by(n as u64);
             stats.touch(from_side);
-            if watch.due().is_none() {
-                watch.arm(watch_spec, Instant::now());
-            }
+            *wrote_to = true;
         };
         loop {
             match self.pending.as_mut() {
@@ -146,7 +134,7 @@ impl Direction {
                 }
                 Some(Pending::Pipe(pipe)) => {
                     match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
-                        Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, watch, watch_spec)),
+                        Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to)),
                         Ok(_) => {}
                         // Burst over: close the pipe before waiting again.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -189,7 +177,7 @@ impl Direction {
             };
             buf.clear();
             match from.try_read_buf(&mut buf) {
-                Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, watch, watch_spec)),
+                Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to)),
                 Ok(n) => {
                     self.bulk = n == buf.capacity();
                     self.pending = Some(Pending::Buffer(buf, 0));

@@ -23,7 +23,6 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use close::{CloseReason, Side};
 use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
-use watchdog::WatchSpec;
 
 /// How much unread input a FIN close throws away first: Linux answers close()
 /// with RST while unread data is queued, which would defeat the FIN.
@@ -44,6 +43,8 @@ pub struct RouteState {
     pub registry: Arc<Registry>,
     /// This route's metric series, resolved once.
     pub metrics: RouteMetrics,
+    /// Timers and watchdog settings every pair of the route shares.
+    pub limits: RelayLimits,
 }
 
 /// The metric series of route `name`, with every close reason and both sides.
@@ -57,6 +58,11 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 
 /// Runs one pair from accept to close. Never panics on peer behaviour; every
 /// path ends in exactly one "pair closed" event.
+///
+/// The pair's span (route, pair.id, client.addr, upstream.addr) is not kept
+/// for the pair's whole life: a live span costs its formatted fields in the
+/// subscriber, which would be most of an idle pair's memory. It is entered
+/// while connecting, and made again for the close event, with the same fields.
 pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
@@ -64,17 +70,38 @@ pub fn run(
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!(
-        "pair",
-        route = %route.route.name,
-        pair.id = id,
-        client.addr = %client_addr,
-        upstream.addr = field::Empty,
-    );
-    run_inner(route, client, id, cancel).instrument(span)
+    run_inner(route, client, PairId { id, client_addr }, cancel)
 }
 
-async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: CancellationToken) {
+/// Who a pair is, for its span.
+#[derive(Debug, Clone, Copy)]
+struct PairId {
+    id: u64,
+    client_addr: SocketAddr,
+}
+
+impl PairId {
+    fn span(&self, route: &str, upstream: Option<SocketAddr>) -> tracing::Span {
+        let span = tracing::info_span!(
+            "pair",
+            route,
+            pair.id = self.id,
+            client.addr = %self.client_addr,
+            upstream.addr = field::Empty,
+        );
+        if let Some(addr) = upstream {
+            span.record("upstream.addr", field::display(addr));
+        }
+        span
+    }
+}
+
+async fn run_inner(
+    route: Arc<RouteState>,
+    client: TcpStream,
+    who: PairId,
+    cancel: CancellationToken,
+) {
     let r = &route.route;
     let stats = Arc::new(RelayStats::new());
     route.metrics.pair_opened();
@@ -83,10 +110,11 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
     let mut upstream: Option<TcpStream> = None;
     let registration = route
         .registry
-        .register(id, route.name.clone(), &client, stats.clone());
+        .register(who.id, route.name.clone(), &client, stats.clone());
     let close = Close {
         route: &route,
         stats: &stats,
+        who,
     };
 
     // The client socket already carries its keepalive options: it inherited
@@ -94,18 +122,19 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
 
     // Boxed: the connect state (resolver, timeout, socket) is large and only
     // lives until the pair is established, so it must not size the pair's task.
+    let connecting =
+        connect::connect(&r.upstream, &route.pool).instrument(who.span(&route.name, None));
     let connected = tokio::select! {
-        c = Box::pin(connect::connect(&r.upstream, &route.pool)) => c,
+        c = Box::pin(connecting) => c,
         _ = cancel.cancelled() => {
             close.finish(registration, &client, None, &RelayEnd::plain(CloseReason::Shutdown), None);
             return;
         }
     };
-    let (up, _active) = match connected {
+    let (up, up_addr, _active) = match connected {
         Ok(c) => {
-            tracing::Span::current().record("upstream.addr", field::display(c.addr));
             registration.set_upstream(&c.stream);
-            (&*upstream.insert(c.stream), c.active)
+            (&*upstream.insert(c.stream), c.addr, c.active)
         }
         Err(e) => {
             let end = RelayEnd::plain(CloseReason::ConnectFailed);
@@ -114,20 +143,23 @@ async fn run_inner(route: Arc<RouteState>, client: TcpStream, id: u64, cancel: C
         }
     };
 
-    let limits = RelayLimits {
-        idle_timeout: r.idle_timeout,
-        half_close_timeout: r.half_close_timeout,
-        client_watch: WatchSpec::of(&r.client.keepalive),
-        upstream_watch: WatchSpec::of(&r.upstream.keepalive),
-    };
-    let end = relay::relay(&client, up, &limits, &stats, &route.metrics.bytes, &cancel).await;
-    close.finish(registration, &client, Some(up), &end, None);
+    let end = relay::relay(
+        &client,
+        up,
+        &route.limits,
+        &stats,
+        &route.metrics.bytes,
+        &cancel,
+    )
+    .await;
+    close.finish(registration, &client, Some((up, up_addr)), &end, None);
 }
 
 /// What closing a pair needs besides the sockets.
 struct Close<'a> {
     route: &'a RouteState,
     stats: &'a RelayStats,
+    who: PairId,
 }
 
 impl Close<'_> {
@@ -138,7 +170,7 @@ impl Close<'_> {
         &self,
         registration: registry::Registration<'_>,
         client: &TcpStream,
-        upstream: Option<&TcpStream>,
+        upstream: Option<(&TcpStream, SocketAddr)>,
         end: &RelayEnd,
         detail: Option<String>,
     ) {
@@ -155,7 +187,10 @@ impl Close<'_> {
             _ => self.route.route.on_peer_failure == OnPeerFailure::Reset || end.undelivered,
         };
         let failed = end.reason.failed_side();
-        for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
+        for (side, sock) in [
+            (Side::Client, Some(client)),
+            (Side::Upstream, upstream.map(|(s, _)| s)),
+        ] {
             let Some(sock) = sock else { continue };
             // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
             if abrupt || failed == Some(side) {
@@ -182,6 +217,10 @@ impl Close<'_> {
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
         let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
+        let _span = self
+            .who
+            .span(&self.route.name, upstream.map(|(_, a)| a))
+            .entered();
         tracing::info!(
             reason = end.reason.as_str(),
             duration_ms = age.as_millis() as u64,

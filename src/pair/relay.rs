@@ -8,8 +8,9 @@
 //! - Timers measure silence. A direction with data still waiting for its
 //!   receiver is not silent, so neither `idle_timeout` nor `half_close_timeout`
 //!   ever cuts it; a slow reader is bounded by `stall_timeout` only.
-//! - An idle pair holds no relay buffer and no timer allocation beyond what
-//!   its configured timers need.
+//! - An idle pair holds no relay buffer, no error-watch and no timer state
+//!   beyond what its configured timers need: both are boxed and exist only
+//!   while something is due or a direction is not simply waiting to read.
 
 use std::future::Future;
 use std::io;
@@ -40,6 +41,25 @@ pub struct RelayLimits {
     pub client_watch: WatchSpec,
     /// Dead/stalled judgement of the upstream side.
     pub upstream_watch: WatchSpec,
+}
+
+impl RelayLimits {
+    /// The limits a route's pairs share.
+    pub fn of(route: &crate::config::Route) -> RelayLimits {
+        RelayLimits {
+            idle_timeout: route.idle_timeout,
+            half_close_timeout: route.half_close_timeout,
+            client_watch: WatchSpec::of(&route.client.keepalive),
+            upstream_watch: WatchSpec::of(&route.upstream.keepalive),
+        }
+    }
+
+    fn watch(&self, side: Side) -> &WatchSpec {
+        match side {
+            Side::Client => &self.client_watch,
+            Side::Upstream => &self.upstream_watch,
+        }
+    }
 }
 
 /// Counters a pair updates while relaying; read at close time.
@@ -162,8 +182,7 @@ fn after(t: Instant, d: Duration) -> Instant {
 ///
 /// A hand-written future rather than nested async blocks: waiting on socket
 /// readiness through `poll_read_ready`/`poll_write_ready` stores nothing in the
-/// future, so an idle pair's task stays small. The one timer is boxed and
-/// exists only while some timer or watchdog is due.
+/// future, so an idle pair's task stays small.
 pub fn relay<'a>(
     client: &'a TcpStream,
     upstream: &'a TcpStream,
@@ -180,21 +199,37 @@ pub fn relay<'a>(
         bytes,
         c2u: Direction::default(),
         u2c: Direction::default(),
-        client_watch: SideWatch::default(),
-        upstream_watch: SideWatch::default(),
-        timer: None,
         half_closed_at: None,
-        idle_hold: None,
-        half_close_hold: None,
-        client_error: socket_error(client, Side::Client),
-        upstream_error: socket_error(upstream, Side::Upstream),
+        timers: None,
+        errors: None,
+        watch_errors: socket_error,
         cancelled: cancel.cancelled(),
     }
 }
 
+/// Error watches on both sockets, for while a direction is not waiting to read
+/// from its own source (blocked writing, or done): then nothing else would see
+/// that socket's error.
+struct ErrorWatches<W> {
+    client: Pin<Box<W>>,
+    upstream: Pin<Box<W>>,
+}
+
+/// Timer state, boxed and present only while something is due.
+struct TimerState {
+    /// The earliest deadline of the parts below. It may fire early (a later
+    /// deadline is not pushed on every byte); each part then checks whether it
+    /// is really due.
+    sleep: Pin<Box<Sleep>>,
+    watch: [SideWatch; 2],
+    /// A timer that found data waiting instead of silence is held off until then.
+    idle_hold: Option<Instant>,
+    half_close_hold: Option<Instant>,
+}
+
 pin_project_lite::pin_project! {
     /// The relay future of one pair; see [`relay`].
-    struct Relay<'a, W> {
+    struct Relay<'a, W, F> {
         client: &'a TcpStream,
         upstream: &'a TcpStream,
         limits: &'a RelayLimits,
@@ -202,20 +237,11 @@ pin_project_lite::pin_project! {
         bytes: &'a RouteBytes,
         c2u: Direction,
         u2c: Direction,
-        client_watch: SideWatch,
-        upstream_watch: SideWatch,
-        // The earliest of the idle, half-close and watchdog deadlines. It may
-        // fire early (a later deadline is not pushed on every byte); each part
-        // then checks whether it is really due.
-        timer: Option<Pin<Box<Sleep>>>,
         half_closed_at: Option<Instant>,
-        // A timer that found data waiting instead of silence is held off until then.
-        idle_hold: Option<Instant>,
-        half_close_hold: Option<Instant>,
-        #[pin]
-        client_error: W,
-        #[pin]
-        upstream_error: W,
+        timers: Option<Box<TimerState>>,
+        errors: Option<ErrorWatches<W>>,
+        // Makes an error watch; a function item, so it costs nothing to hold.
+        watch_errors: F,
         #[pin]
         cancelled: WaitForCancellationFuture<'a>,
     }
@@ -229,18 +255,14 @@ struct Timers<'r, 'a> {
     stats: &'a RelayStats,
     c2u: &'r Direction,
     u2c: &'r Direction,
-    client_watch: &'r mut SideWatch,
-    upstream_watch: &'r mut SideWatch,
     half_closed_at: Option<Instant>,
-    idle_hold: &'r mut Option<Instant>,
-    half_close_hold: &'r mut Option<Instant>,
 }
 
 impl Timers<'_, '_> {
-    fn idle_due(&self) -> Option<Instant> {
+    fn idle_due(&self, t: Option<&TimerState>) -> Option<Instant> {
         let d = self.limits.idle_timeout?;
         let due = after(self.stats.last_activity(), d);
-        Some(self.idle_hold.map_or(due, |h| due.max(h)))
+        Some(t.and_then(|t| t.idle_hold).map_or(due, |h| due.max(h)))
     }
 
     /// The direction still open while half-closed, with its source side.
@@ -252,20 +274,24 @@ impl Timers<'_, '_> {
         }
     }
 
-    fn half_close_due(&self) -> Option<Instant> {
+    fn half_close_due(&self, t: Option<&TimerState>) -> Option<Instant> {
         let d = self.limits.half_close_timeout?;
         let since = self.half_closed_at?;
         let (_, from, _) = self.open_direction()?;
         let due = after(since.max(self.stats.last_from(from)), d);
-        Some(self.half_close_hold.map_or(due, |h| due.max(h)))
+        Some(
+            t.and_then(|t| t.half_close_hold)
+                .map_or(due, |h| due.max(h)),
+        )
     }
 
-    fn next_due(&self) -> Option<Instant> {
+    fn next_due(&self, t: Option<&TimerState>) -> Option<Instant> {
+        let watches = t.map_or([None, None], |t| [t.watch[0].due(), t.watch[1].due()]);
         [
-            self.client_watch.due(),
-            self.upstream_watch.due(),
-            self.idle_due(),
-            self.half_close_due(),
+            watches[0],
+            watches[1],
+            self.idle_due(t),
+            self.half_close_due(t),
         ]
         .into_iter()
         .flatten()
@@ -276,26 +302,22 @@ impl Timers<'_, '_> {
         self.c2u.undelivered() || self.u2c.undelivered()
     }
 
+    fn socket(&self, side: Side) -> &TcpStream {
+        match side {
+            Side::Client => self.client,
+            Side::Upstream => self.upstream,
+        }
+    }
+
     /// Runs whatever is due at `now`; an end when one of them closes the pair.
-    fn fire(&mut self, now: Instant) -> Option<RelayEnd> {
+    fn fire(&self, t: &mut TimerState, now: Instant) -> Option<RelayEnd> {
         for side in [Side::Client, Side::Upstream] {
-            let (watch, spec, socket) = match side {
-                Side::Client => (
-                    &mut *self.client_watch,
-                    &self.limits.client_watch,
-                    self.client,
-                ),
-                Side::Upstream => (
-                    &mut *self.upstream_watch,
-                    &self.limits.upstream_watch,
-                    self.upstream,
-                ),
-            };
-            if watch.due().is_none_or(|t| t > now) {
+            let watch = &mut t.watch[side as usize];
+            if watch.due().is_none_or(|due| due > now) {
                 continue;
             }
-            let verdict = match sockopt::send_state(socket) {
-                Ok(sample) => watch.check(spec, now, &sample),
+            let verdict = match sockopt::send_state(self.socket(side)) {
+                Ok(sample) => watch.check(self.limits.watch(side), now, &sample),
                 // TCP_INFO fails only on a socket that is gone; its error watch reports why.
                 Err(_) => {
                     *watch = SideWatch::default();
@@ -316,20 +338,21 @@ impl Timers<'_, '_> {
                 undelivered: self.undelivered(),
             });
         }
-        if let (Some(due), Some(d)) = (self.idle_due(), self.limits.idle_timeout) {
+        if let (Some(due), Some(d)) = (self.idle_due(Some(t)), self.limits.idle_timeout) {
             if due <= now {
                 if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
-                    *self.idle_hold = Some(after(now, d));
+                    t.idle_hold = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::IdleTimeout));
                 }
             }
         }
-        if let (Some(due), Some(d)) = (self.half_close_due(), self.limits.half_close_timeout) {
+        if let (Some(due), Some(d)) = (self.half_close_due(Some(t)), self.limits.half_close_timeout)
+        {
             if due <= now {
                 let (dir, _, to) = self.open_direction()?;
                 if dir.undelivered() || outstanding(to) {
-                    *self.half_close_hold = Some(after(now, d));
+                    t.half_close_hold = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::HalfCloseTimeout));
                 }
@@ -344,7 +367,11 @@ fn outstanding(socket: &TcpStream) -> bool {
     sockopt::send_state(socket).is_ok_and(|s| s.outstanding())
 }
 
-impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
+impl<'a, W, F> Future for Relay<'a, W, F>
+where
+    W: Future<Output = SideError>,
+    F: Fn(&'a TcpStream, Side) -> W,
+{
     type Output = RelayEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
@@ -356,6 +383,9 @@ impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
             *this.limits,
             *this.bytes,
         );
+        // Which sides were written to (data or FIN) in this poll: their watchdogs arm.
+        let mut wrote = [false; 2];
+        let [wrote_client, wrote_upstream] = &mut wrote;
         let directions = [
             (
                 &mut *this.c2u,
@@ -366,8 +396,7 @@ impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
                     pair_bytes: &stats.client_to_upstream,
                     route_bytes: &bytes.client_to_upstream,
                     stats,
-                    watch: &mut *this.upstream_watch,
-                    watch_spec: &limits.upstream_watch,
+                    wrote: wrote_upstream,
                 },
             ),
             (
@@ -379,8 +408,7 @@ impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
                     pair_bytes: &stats.upstream_to_client,
                     route_bytes: &bytes.upstream_to_client,
                     stats,
-                    watch: &mut *this.client_watch,
-                    watch_spec: &limits.client_watch,
+                    wrote: wrote_client,
                 },
             ),
         ];
@@ -408,11 +436,26 @@ impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
         if this.c2u.done && this.u2c.done {
             return Poll::Ready(RelayEnd::plain(CloseReason::Completed));
         }
-        // Polled on every wake-up, whatever the directions wait for: a reset or
-        // a keepalive timeout on a socket nobody is reading is still seen.
-        for watch in [this.client_error, this.upstream_error] {
-            if let Poll::Ready(e) = watch.poll(cx) {
-                return Poll::Ready(RelayEnd::from_error(e).with_undelivered(undelivered));
+
+        // While both directions wait to read, each socket's error wakes its own
+        // reader. Otherwise a socket may have nobody reading it: watch its error.
+        let unwatched = undelivered || this.c2u.done || this.u2c.done;
+        match (unwatched, this.errors.is_some()) {
+            (true, false) => {
+                let make = &*this.watch_errors;
+                *this.errors = Some(ErrorWatches {
+                    client: Box::pin(make(client, Side::Client)),
+                    upstream: Box::pin(make(upstream, Side::Upstream)),
+                });
+            }
+            (false, true) => *this.errors = None,
+            _ => {}
+        }
+        if let Some(errors) = this.errors.as_mut() {
+            for watch in [&mut errors.client, &mut errors.upstream] {
+                if let Poll::Ready(e) = watch.as_mut().poll(cx) {
+                    return Poll::Ready(RelayEnd::from_error(e).with_undelivered(undelivered));
+                }
             }
         }
         if this.cancelled.poll(cx).is_ready() {
@@ -420,37 +463,56 @@ impl<W: Future<Output = SideError>> Future for Relay<'_, W> {
                 RelayEnd::plain(CloseReason::Shutdown).with_undelivered(undelivered),
             );
         }
-        let mut timers = Timers {
+
+        let timers = Timers {
             client,
             upstream,
             limits,
             stats,
             c2u: this.c2u,
             u2c: this.u2c,
-            client_watch: this.client_watch,
-            upstream_watch: this.upstream_watch,
             half_closed_at: *this.half_closed_at,
-            idle_hold: this.idle_hold,
-            half_close_hold: this.half_close_hold,
         };
+        let now_if_wrote = wrote.iter().any(|w| *w).then(Instant::now);
+        for side in [Side::Client, Side::Upstream] {
+            let spec = limits.watch(side);
+            let Some(now) = now_if_wrote.filter(|_| wrote[side as usize] && spec.enabled()) else {
+                continue;
+            };
+            let state = this.timers.get_or_insert_with(|| {
+                Box::new(TimerState {
+                    sleep: Box::pin(sleep_until(now)),
+                    watch: [SideWatch::default(), SideWatch::default()],
+                    idle_hold: None,
+                    half_close_hold: None,
+                })
+            });
+            let watch = &mut state.watch[side as usize];
+            if watch.due().is_none() {
+                watch.arm(spec, now);
+            }
+        }
         loop {
-            let Some(due) = timers.next_due() else {
-                *this.timer = None;
+            let Some(due) = timers.next_due(this.timers.as_deref()) else {
+                // Nothing due: the timer state, watchdogs included, goes.
+                *this.timers = None;
                 return Poll::Pending;
             };
-            let timer = match this.timer.as_mut() {
-                Some(t) => {
-                    if due < t.deadline() || t.is_elapsed() {
-                        t.as_mut().reset(due);
-                    }
-                    t
-                }
-                None => this.timer.insert(Box::pin(sleep_until(due))),
-            };
-            if timer.as_mut().poll(cx).is_pending() {
+            let state = this.timers.get_or_insert_with(|| {
+                Box::new(TimerState {
+                    sleep: Box::pin(sleep_until(due)),
+                    watch: [SideWatch::default(), SideWatch::default()],
+                    idle_hold: None,
+                    half_close_hold: None,
+                })
+            });
+            if due < state.sleep.deadline() || state.sleep.is_elapsed() {
+                state.sleep.as_mut().reset(due);
+            }
+            if state.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if let Some(end) = timers.fire(Instant::now()) {
+            if let Some(end) = timers.fire(state, Instant::now()) {
                 return Poll::Ready(end);
             }
         }
