@@ -34,8 +34,9 @@ enum Pending {
 #[derive(Default)]
 pub(super) struct Direction {
     /// `None` while waiting to read: that is where an idle pair sits, holding
-    /// neither buffer nor pipe.
-    pending: Option<Pending>,
+    /// neither buffer nor pipe. Boxed so that the idle pair's task holds a
+    /// pointer, not room for either.
+    pending: Option<Box<Pending>>,
     /// The last read filled a whole buffer: move to splice for the rest of the burst.
     bulk: bool,
     /// splice is not available for these sockets; copy only.
@@ -77,7 +78,7 @@ fn pass_on_eof(to: &TcpStream, to_side: Side, wrote_to: &mut bool) -> Result<(),
 impl Direction {
     /// Whether data read from the source is still waiting to be written.
     pub fn undelivered(&self) -> bool {
-        match &self.pending {
+        match self.pending.as_deref() {
             Some(Pending::Buffer(buf, written)) => *written < buf.len(),
             Some(Pending::Pipe(pipe)) => pipe.queued > 0,
             None => false,
@@ -105,7 +106,7 @@ impl Direction {
             *wrote_to = true;
         };
         loop {
-            match self.pending.as_mut() {
+            match self.pending.as_deref_mut() {
                 Some(Pending::Buffer(buf, written)) if *written < buf.len() => {
                     if let Err(e) = ready!(to.poll_write_ready(cx)) {
                         return Poll::Ready(Err(to_err(e)));
@@ -156,7 +157,7 @@ impl Direction {
             if self.bulk && !self.copy_only {
                 match Pipe::new() {
                     Ok(pipe) => {
-                        self.pending = Some(Pending::Pipe(pipe));
+                        self.pending = Some(Box::new(Pending::Pipe(pipe)));
                         continue;
                     }
                     // Out of descriptors, say: copying still works.
@@ -166,21 +167,25 @@ impl Direction {
             // Everything read has been written. Straight after a write, try the
             // next read with the same buffer; after a pause, wait for readiness
             // first and only then allocate.
-            let mut buf = match self.pending.take() {
-                Some(Pending::Buffer(buf, _)) => buf,
+            let mut pending = match self.pending.take() {
+                Some(p) if matches!(*p, Pending::Buffer(..)) => p,
                 _ => {
                     if let Err(e) = ready!(from.poll_read_ready(cx)) {
                         return Poll::Ready(Err(from_err(e)));
                     }
-                    Vec::with_capacity(RELAY_BUFFER)
+                    Box::new(Pending::Buffer(Vec::with_capacity(RELAY_BUFFER), 0))
                 }
             };
+            let Pending::Buffer(buf, written) = &mut *pending else {
+                unreachable!("only a buffer is kept for the next read");
+            };
             buf.clear();
-            match from.try_read_buf(&mut buf) {
+            *written = 0;
+            match from.try_read_buf(buf) {
                 Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to)),
                 Ok(n) => {
                     self.bulk = n == buf.capacity();
-                    self.pending = Some(Pending::Buffer(buf, 0));
+                    self.pending = Some(pending);
                 }
                 // Drained for now: the buffer is dropped here, before waiting again.
                 Err(e) if transient(&e) => {}

@@ -120,16 +120,21 @@ async fn run_inner(
     // The client socket already carries its keepalive options: it inherited
     // them from the listening socket (see sockopt::bind_listener).
 
-    // Boxed: the connect state (resolver, timeout, socket) is large and only
-    // lives until the pair is established, so it must not size the pair's task.
-    let connecting =
-        connect::connect(&r.upstream, &route.pool).instrument(who.span(&route.name, None));
-    let connected = tokio::select! {
-        c = Box::pin(connecting) => c,
-        _ = cancel.cancelled() => {
-            close.finish(registration, &client, None, &RelayEnd::plain(CloseReason::Shutdown), None);
-            return;
+    // Boxed, select! and all: the connect state (resolver, timeouts, socket,
+    // the cancellation wait) is large and only lives until the pair is
+    // established, so it must not size the pair's task for its whole life.
+    let connecting = Box::pin(async {
+        let connect =
+            connect::connect(&r.upstream, &route.pool).instrument(who.span(&route.name, None));
+        tokio::select! {
+            c = connect => Some(c),
+            _ = cancel.cancelled() => None,
         }
+    });
+    let Some(connected) = connecting.await else {
+        let end = RelayEnd::plain(CloseReason::Shutdown);
+        close.finish(registration, &client, None, &end, None);
+        return;
     };
     let (up, up_addr, _active) = match connected {
         Ok(c) => {

@@ -215,16 +215,30 @@ struct ErrorWatches<W> {
     upstream: Pin<Box<W>>,
 }
 
-/// Timer state, boxed and present only while something is due.
-struct TimerState {
-    /// The earliest deadline of the parts below. It may fire early (a later
-    /// deadline is not pushed on every byte); each part then checks whether it
-    /// is really due.
-    sleep: Pin<Box<Sleep>>,
-    watch: [SideWatch; 2],
-    /// A timer that found data waiting instead of silence is held off until then.
-    idle_hold: Option<Instant>,
-    half_close_hold: Option<Instant>,
+pin_project_lite::pin_project! {
+    /// Timer state, boxed (one allocation) and present only while something is due.
+    struct TimerState {
+        // The earliest deadline of the parts below. It may fire early (a later
+        // deadline is not pushed on every byte); each part then checks whether it
+        // is really due.
+        #[pin]
+        sleep: Sleep,
+        watch: [SideWatch; 2],
+        // A timer that found data waiting instead of silence is held off until then.
+        idle_hold: Option<Instant>,
+        half_close_hold: Option<Instant>,
+    }
+}
+
+impl TimerState {
+    fn new(at: Instant) -> Pin<Box<TimerState>> {
+        Box::pin(TimerState {
+            sleep: sleep_until(at),
+            watch: [SideWatch::default(), SideWatch::default()],
+            idle_hold: None,
+            half_close_hold: None,
+        })
+    }
 }
 
 pin_project_lite::pin_project! {
@@ -238,13 +252,20 @@ pin_project_lite::pin_project! {
         c2u: Direction,
         u2c: Direction,
         half_closed_at: Option<Instant>,
-        timers: Option<Box<TimerState>>,
+        timers: Option<Pin<Box<TimerState>>>,
         errors: Option<ErrorWatches<W>>,
         // Makes an error watch; a function item, so it costs nothing to hold.
         watch_errors: F,
         #[pin]
         cancelled: WaitForCancellationFuture<'a>,
     }
+}
+
+/// Times before which a timer that found data waiting will not fire again.
+#[derive(Default)]
+struct Holds {
+    idle: Option<Instant>,
+    half_close: Option<Instant>,
 }
 
 /// What the timer checks need, borrowed from the projected future.
@@ -259,10 +280,10 @@ struct Timers<'r, 'a> {
 }
 
 impl Timers<'_, '_> {
-    fn idle_due(&self, t: Option<&TimerState>) -> Option<Instant> {
+    fn idle_due(&self, holds: &Holds) -> Option<Instant> {
         let d = self.limits.idle_timeout?;
         let due = after(self.stats.last_activity(), d);
-        Some(t.and_then(|t| t.idle_hold).map_or(due, |h| due.max(h)))
+        Some(holds.idle.map_or(due, |h| due.max(h)))
     }
 
     /// The direction still open while half-closed, with its source side.
@@ -274,24 +295,30 @@ impl Timers<'_, '_> {
         }
     }
 
-    fn half_close_due(&self, t: Option<&TimerState>) -> Option<Instant> {
+    fn half_close_due(&self, holds: &Holds) -> Option<Instant> {
         let d = self.limits.half_close_timeout?;
         let since = self.half_closed_at?;
         let (_, from, _) = self.open_direction()?;
         let due = after(since.max(self.stats.last_from(from)), d);
-        Some(
-            t.and_then(|t| t.half_close_hold)
-                .map_or(due, |h| due.max(h)),
-        )
+        Some(holds.half_close.map_or(due, |h| due.max(h)))
     }
 
     fn next_due(&self, t: Option<&TimerState>) -> Option<Instant> {
-        let watches = t.map_or([None, None], |t| [t.watch[0].due(), t.watch[1].due()]);
+        let (watches, holds) = match t {
+            Some(t) => (
+                [t.watch[0].due(), t.watch[1].due()],
+                Holds {
+                    idle: t.idle_hold,
+                    half_close: t.half_close_hold,
+                },
+            ),
+            None => ([None, None], Holds::default()),
+        };
         [
             watches[0],
             watches[1],
-            self.idle_due(t),
-            self.half_close_due(t),
+            self.idle_due(&holds),
+            self.half_close_due(&holds),
         ]
         .into_iter()
         .flatten()
@@ -310,9 +337,19 @@ impl Timers<'_, '_> {
     }
 
     /// Runs whatever is due at `now`; an end when one of them closes the pair.
-    fn fire(&self, t: &mut TimerState, now: Instant) -> Option<RelayEnd> {
+    fn fire(
+        &self,
+        watches: &mut [SideWatch; 2],
+        idle_hold: &mut Option<Instant>,
+        half_close_hold: &mut Option<Instant>,
+        now: Instant,
+    ) -> Option<RelayEnd> {
+        let holds = Holds {
+            idle: *idle_hold,
+            half_close: *half_close_hold,
+        };
         for side in [Side::Client, Side::Upstream] {
-            let watch = &mut t.watch[side as usize];
+            let watch = &mut watches[side as usize];
             if watch.due().is_none_or(|due| due > now) {
                 continue;
             }
@@ -338,21 +375,21 @@ impl Timers<'_, '_> {
                 undelivered: self.undelivered(),
             });
         }
-        if let (Some(due), Some(d)) = (self.idle_due(Some(t)), self.limits.idle_timeout) {
+        if let (Some(due), Some(d)) = (self.idle_due(&holds), self.limits.idle_timeout) {
             if due <= now {
                 if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
-                    t.idle_hold = Some(after(now, d));
+                    *idle_hold = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::IdleTimeout));
                 }
             }
         }
-        if let (Some(due), Some(d)) = (self.half_close_due(Some(t)), self.limits.half_close_timeout)
+        if let (Some(due), Some(d)) = (self.half_close_due(&holds), self.limits.half_close_timeout)
         {
             if due <= now {
                 let (dir, _, to) = self.open_direction()?;
                 if dir.undelivered() || outstanding(to) {
-                    t.half_close_hold = Some(after(now, d));
+                    *half_close_hold = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::HalfCloseTimeout));
                 }
@@ -479,15 +516,8 @@ where
             let Some(now) = now_if_wrote.filter(|_| wrote[side as usize] && spec.enabled()) else {
                 continue;
             };
-            let state = this.timers.get_or_insert_with(|| {
-                Box::new(TimerState {
-                    sleep: Box::pin(sleep_until(now)),
-                    watch: [SideWatch::default(), SideWatch::default()],
-                    idle_hold: None,
-                    half_close_hold: None,
-                })
-            });
-            let watch = &mut state.watch[side as usize];
+            let state = this.timers.get_or_insert_with(|| TimerState::new(now));
+            let watch = &mut state.as_mut().project().watch[side as usize];
             if watch.due().is_none() {
                 watch.arm(spec, now);
             }
@@ -498,21 +528,16 @@ where
                 *this.timers = None;
                 return Poll::Pending;
             };
-            let state = this.timers.get_or_insert_with(|| {
-                Box::new(TimerState {
-                    sleep: Box::pin(sleep_until(due)),
-                    watch: [SideWatch::default(), SideWatch::default()],
-                    idle_hold: None,
-                    half_close_hold: None,
-                })
-            });
-            if due < state.sleep.deadline() || state.sleep.is_elapsed() {
-                state.sleep.as_mut().reset(due);
+            let state = this.timers.get_or_insert_with(|| TimerState::new(due));
+            let mut t = state.as_mut().project();
+            if due < t.sleep.deadline() || t.sleep.is_elapsed() {
+                t.sleep.as_mut().reset(due);
             }
-            if state.sleep.as_mut().poll(cx).is_pending() {
+            if t.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if let Some(end) = timers.fire(state, Instant::now()) {
+            if let Some(end) = timers.fire(t.watch, t.idle_hold, t.half_close_hold, Instant::now())
+            {
                 return Poll::Ready(end);
             }
         }

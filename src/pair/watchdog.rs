@@ -31,6 +31,10 @@ use crate::net::sockopt::SendState;
 /// Shortest and longest pause between two looks at a socket with data in flight.
 const MIN_PERIOD: Duration = Duration::from_millis(100);
 const MAX_PERIOD: Duration = Duration::from_secs(5);
+/// The first look after a write: by then a live peer has acknowledged most
+/// writes (delayed ACKs wait 40 ms to 200 ms), so the watch, and the timer
+/// state it keeps, goes away again soon after a pair falls quiet.
+const FIRST_LOOK: Duration = Duration::from_millis(250);
 
 /// What the watchdog of one side enforces.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,13 +106,12 @@ impl SideWatch {
         self.next
     }
 
-    /// Starts watching after a write, unless already watching. The first look
-    /// comes one period later: most writes are acknowledged by then.
+    /// Starts watching after a write, unless already watching.
     pub fn arm(&mut self, spec: &WatchSpec, now: Instant) {
         if self.armed_at.is_none() && spec.enabled() {
             *self = SideWatch {
                 armed_at: Some(now),
-                next: Some(now + spec.period()),
+                next: Some(now + spec.period().min(FIRST_LOOK)),
                 bytes_acked: None,
                 progress_at: Some(now),
                 unanswered_since: None,
@@ -233,8 +236,8 @@ mod tests {
         let t0 = Instant::now();
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
-        assert!(w.due().is_some());
-        let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 0, 100, 10, 0));
+        assert_eq!(w.due(), Some(t0 + FIRST_LOOK));
+        let v = w.check(&SPEC, t0 + secs(0.25), &sample(0, 0, 100, 10, 0));
         assert_eq!(v, Verdict::Disarm);
         assert!(w.due().is_none());
     }
