@@ -70,18 +70,79 @@ pub fn run(
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
-    run_inner(route, client, PairId { id, client_addr }, cancel)
+    let who = PairId { id, client_addr };
+    // An async block rather than an async fn: an async fn moves its arguments
+    // into locals and keeps both copies in the task, which would cost every
+    // pair a second copy of its client socket and addresses.
+    async move {
+        route.metrics.pair_opened();
+        // Declared before the registration so that it is dropped after it: a
+        // socket is never closed while the registry still lists it.
+        let upstream: TcpStream;
+        let registration = route.registry.register(who.id, route.name.clone(), &client);
+        let stats = registration.stats();
+        let close = Close {
+            route: &route,
+            stats: &stats,
+            who: &who,
+        };
+
+        // The client socket already carries its keepalive options: it
+        // inherited them from the listening socket (see sockopt::bind_listener).
+
+        // Boxed, select! and all: the connect state (resolver, timeouts,
+        // socket, the cancellation wait) is large and only lives until the
+        // pair is established, so it must not size the pair's task for its
+        // whole life. The block keeps the connect result itself out of the
+        // task's state during the relay.
+        let (up_addr, _active) = {
+            let span = who.span(&route.name, None);
+            let connected = Box::pin(async {
+                let connect = connect::connect(&route.route.upstream, &route.pool).instrument(span);
+                tokio::select! {
+                    c = connect => Some(c),
+                    _ = cancel.cancelled() => None,
+                }
+            })
+            .await;
+            match connected {
+                Some(Ok(c)) => {
+                    registration.set_upstream(&c.stream);
+                    upstream = c.stream;
+                    (c.addr, c.active)
+                }
+                Some(Err(e)) => {
+                    let end = RelayEnd::plain(CloseReason::ConnectFailed);
+                    close.finish(registration, &client, None, &end, Some(e.to_string()));
+                    return;
+                }
+                None => {
+                    let end = RelayEnd::plain(CloseReason::Shutdown);
+                    close.finish(registration, &client, None, &end, None);
+                    return;
+                }
+            }
+        };
+        let end = relay::relay(&client, &upstream, &route, &stats, &cancel).await;
+        close.finish(
+            registration,
+            &client,
+            Some((&upstream, up_addr)),
+            &end,
+            None,
+        );
+    }
 }
 
 /// Who a pair is, for its span.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct PairId {
     id: u64,
     client_addr: SocketAddr,
 }
 
 impl PairId {
-    fn span(&self, route: &str, upstream: Option<SocketAddr>) -> tracing::Span {
+    fn span(&self, route: &str, upstream_addr: Option<SocketAddr>) -> tracing::Span {
         let span = tracing::info_span!(
             "pair",
             route,
@@ -89,82 +150,18 @@ impl PairId {
             client.addr = %self.client_addr,
             upstream.addr = field::Empty,
         );
-        if let Some(addr) = upstream {
+        if let Some(addr) = upstream_addr {
             span.record("upstream.addr", field::display(addr));
         }
         span
     }
 }
 
-async fn run_inner(
-    route: Arc<RouteState>,
-    client: TcpStream,
-    who: PairId,
-    cancel: CancellationToken,
-) {
-    let r = &route.route;
-    let stats = Arc::new(RelayStats::new());
-    route.metrics.pair_opened();
-    // Declared before the registration so that it is dropped after it: a socket
-    // is never closed while the registry still lists it.
-    let mut upstream: Option<TcpStream> = None;
-    let registration = route
-        .registry
-        .register(who.id, route.name.clone(), &client, stats.clone());
-    let close = Close {
-        route: &route,
-        stats: &stats,
-        who,
-    };
-
-    // The client socket already carries its keepalive options: it inherited
-    // them from the listening socket (see sockopt::bind_listener).
-
-    // Boxed, select! and all: the connect state (resolver, timeouts, socket,
-    // the cancellation wait) is large and only lives until the pair is
-    // established, so it must not size the pair's task for its whole life.
-    let connecting = Box::pin(async {
-        let connect =
-            connect::connect(&r.upstream, &route.pool).instrument(who.span(&route.name, None));
-        tokio::select! {
-            c = connect => Some(c),
-            _ = cancel.cancelled() => None,
-        }
-    });
-    let Some(connected) = connecting.await else {
-        let end = RelayEnd::plain(CloseReason::Shutdown);
-        close.finish(registration, &client, None, &end, None);
-        return;
-    };
-    let (up, up_addr, _active) = match connected {
-        Ok(c) => {
-            registration.set_upstream(&c.stream);
-            (&*upstream.insert(c.stream), c.addr, c.active)
-        }
-        Err(e) => {
-            let end = RelayEnd::plain(CloseReason::ConnectFailed);
-            close.finish(registration, &client, None, &end, Some(e.to_string()));
-            return;
-        }
-    };
-
-    let end = relay::relay(
-        &client,
-        up,
-        &route.limits,
-        &stats,
-        &route.metrics.bytes,
-        &cancel,
-    )
-    .await;
-    close.finish(registration, &client, Some((up, up_addr)), &end, None);
-}
-
 /// What closing a pair needs besides the sockets.
 struct Close<'a> {
     route: &'a RouteState,
     stats: &'a RelayStats,
-    who: PairId,
+    who: &'a PairId,
 }
 
 impl Close<'_> {
@@ -192,10 +189,9 @@ impl Close<'_> {
             _ => self.route.route.on_peer_failure == OnPeerFailure::Reset || end.undelivered,
         };
         let failed = end.reason.failed_side();
-        for (side, sock) in [
-            (Side::Client, Some(client)),
-            (Side::Upstream, upstream.map(|(s, _)| s)),
-        ] {
+        let upstream_addr = upstream.map(|(_, a)| a);
+        let upstream = upstream.map(|(s, _)| s);
+        for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
             let Some(sock) = sock else { continue };
             // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
             if abrupt || failed == Some(side) {
@@ -222,10 +218,7 @@ impl Close<'_> {
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
         let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
-        let _span = self
-            .who
-            .span(&self.route.name, upstream.map(|(_, a)| a))
-            .entered();
+        let _span = self.who.span(&self.route.name, upstream_addr).entered();
         tracing::info!(
             reason = end.reason.as_str(),
             duration_ms = age.as_millis() as u64,

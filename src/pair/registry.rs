@@ -39,8 +39,22 @@ struct Fds {
 struct Entry {
     id: u64,
     route: Arc<str>,
-    stats: Arc<RelayStats>,
+    /// The pair's counters live here rather than in an allocation of their own:
+    /// the pair reads and writes them through [`PairStats`].
+    stats: RelayStats,
     fds: Mutex<Fds>,
+}
+
+/// A pair's own handle to its counters, which the registry shares.
+#[derive(Debug, Clone)]
+pub struct PairStats(Arc<Entry>);
+
+impl std::ops::Deref for PairStats {
+    type Target = RelayStats;
+
+    fn deref(&self) -> &RelayStats {
+        &self.0.stats
+    }
 }
 
 /// Every live pair of the process.
@@ -71,6 +85,11 @@ pub struct Registration<'a> {
 }
 
 impl Registration<'_> {
+    /// The pair's counters, fresh at registration.
+    pub fn stats(&self) -> PairStats {
+        PairStats(self.entry.clone())
+    }
+
     /// Records the upstream socket once connected.
     pub fn set_upstream(&self, upstream: &TcpStream) {
         lock(&self.entry.fds).upstream = Some(upstream.as_raw_fd());
@@ -210,12 +229,11 @@ impl Registry {
         id: u64,
         route: Arc<str>,
         client: &TcpStream,
-        stats: Arc<RelayStats>,
     ) -> Registration<'a> {
         let entry = Arc::new(Entry {
             id,
             route,
-            stats,
+            stats: RelayStats::new(),
             fds: Mutex::new(Fds {
                 client: Some(client.as_raw_fd()),
                 upstream: None,
@@ -288,9 +306,7 @@ mod tests {
         let regs: Vec<_> = pairs
             .iter()
             .zip(&sockets)
-            .map(|(&(id, route), (client, _))| {
-                registry.register(id, Arc::from(route), client, Arc::new(RelayStats::new()))
-            })
+            .map(|(&(id, route), (client, _))| registry.register(id, Arc::from(route), client))
             .collect();
         assert_eq!(ids(registry.list(None, 10)), (vec![5, 6, 38, 70], 0));
         assert_eq!(ids(registry.list(None, 2)), (vec![5, 6], 2));
@@ -306,7 +322,7 @@ mod tests {
         let registry = Registry::default();
         let (client, _peer) = socket_pair().await;
         let (upstream, _up_peer) = socket_pair().await;
-        let reg = registry.register(1, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        let reg = registry.register(1, Arc::from("web"), &client);
         reg.set_upstream(&upstream);
         let listing = registry.list(None, 10);
         let still = registry.list(None, 10);
@@ -318,7 +334,7 @@ mod tests {
         assert_eq!(still.more(), 0);
 
         let (client, _peer) = socket_pair().await;
-        let reg = registry.register(2, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        let reg = registry.register(2, Arc::from("web"), &client);
         let views: Vec<PairView> = registry.list(None, 10).read().collect();
         assert_eq!(views.len(), 1);
         let v = &views[0];
@@ -340,14 +356,14 @@ mod tests {
         let _guard = rt.enter();
         let (client, _peer) = rt.block_on(socket_pair());
         let client = Arc::new(client);
-        let reg = registry.register(9, Arc::from("web"), &client, Arc::new(RelayStats::new()));
+        let reg = registry.register(9, Arc::from("web"), &client);
         let listing = registry.list(None, 10);
         let reading = lock(&listing.entries[0].fds);
         let (done, finished) = std::sync::mpsc::channel();
         let (r, c) = (registry.clone(), client.clone());
         std::thread::spawn(move || {
             for id in 10..10 + SHARDS as u64 {
-                drop(r.register(id, Arc::from("web"), &c, Arc::new(RelayStats::new())));
+                drop(r.register(id, Arc::from("web"), &c));
             }
             let _ = done.send(());
         });

@@ -27,8 +27,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use super::close::{classify, CloseReason, Side, SideError};
 use super::direction::{Direction, Io};
 use super::watchdog::{SideWatch, Verdict, WatchSpec};
+use super::RouteState;
 use crate::net::sockopt;
-use crate::telemetry::metrics::RouteBytes;
 
 /// Timers and watchdogs of one pair.
 #[derive(Debug, Clone, Copy)]
@@ -186,17 +186,15 @@ fn after(t: Instant, d: Duration) -> Instant {
 pub fn relay<'a>(
     client: &'a TcpStream,
     upstream: &'a TcpStream,
-    limits: &'a RelayLimits,
+    route: &'a RouteState,
     stats: &'a RelayStats,
-    bytes: &'a RouteBytes,
     cancel: &'a CancellationToken,
 ) -> impl Future<Output = RelayEnd> + Send + 'a {
     Relay {
         client,
         upstream,
-        limits,
+        route,
         stats,
-        bytes,
         c2u: Direction::default(),
         u2c: Direction::default(),
         half_closed_at: None,
@@ -246,9 +244,9 @@ pin_project_lite::pin_project! {
     struct Relay<'a, W, F> {
         client: &'a TcpStream,
         upstream: &'a TcpStream,
-        limits: &'a RelayLimits,
+        // The route's shared limits and byte counters.
+        route: &'a RouteState,
         stats: &'a RelayStats,
-        bytes: &'a RouteBytes,
         c2u: Direction,
         u2c: Direction,
         half_closed_at: Option<Instant>,
@@ -413,13 +411,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.project();
-        let (client, upstream, stats, limits, bytes) = (
-            *this.client,
-            *this.upstream,
-            *this.stats,
-            *this.limits,
-            *this.bytes,
-        );
+        let (client, upstream, stats, route) =
+            (*this.client, *this.upstream, *this.stats, *this.route);
+        let (limits, bytes) = (&route.limits, &route.metrics.bytes);
         // Which sides were written to (data or FIN) in this poll: their watchdogs arm.
         let mut wrote = [false; 2];
         let [wrote_client, wrote_upstream] = &mut wrote;
