@@ -313,9 +313,11 @@ fn client_that_stopped_reading_and_then_vanished_is_dead_not_stalled() {
             let closes = proxy.wait_closes(1, Duration::from_secs(20));
             let elapsed = t0.elapsed();
             assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
-            // The first window probe after the black-hole goes out on the kernel's
-            // backed-off schedule (about 3 s after the client stopped reading,
-            // at most 3.2 s later here); it stays unanswered for the bound.
+            // Window probes go out on the kernel's backed-off schedule (here about
+            // 3 s and 6.2 s after the client stopped reading). Death needs two
+            // of them unanswered and the bound passed since the first: about
+            // 4.2 s to 5 s after the black-hole. The limit allows one more
+            // backed-off interval (3.2 s) on top of the bound and tolerance.
             let limit = BOUND + Duration::from_millis(3200) + TOLERANCE;
             println!("stalled client vanished: closed {elapsed:?} after the black-hole (limit {limit:?})");
             assert!(elapsed <= limit, "took {elapsed:?}, limit {limit:?}");
@@ -351,6 +353,32 @@ fn upstream_silent_when_the_client_half_closes_resets_the_client_within_the_boun
             assert_within_bound("upstream silent after the client's FIN", elapsed);
             let closes = proxy.wait_closes(1, Duration::from_secs(5));
             assert_eq!(reason(&closes[0]), "upstream_dead", "{}", closes[0]);
+        },
+    );
+}
+
+#[test]
+fn client_gone_before_a_write_is_dead_within_the_bound_of_its_vanishing() {
+    isolated(
+        "client_gone_before_a_write_is_dead_within_the_bound_of_its_vanishing",
+        || {
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&config(up, FAST, "{ idle = \"60s\" }"));
+            let (_c, mut u) = open_pair(&proxy, &listener, CLIENT_A);
+            blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
+            let t0 = Instant::now();
+            // Keepalive probes at 1 s and 2 s go unanswered; then data arrives
+            // for the client, which stops the keepalive timer. The client has
+            // still been silent since the black-hole, not since the write.
+            thread::sleep(Duration::from_millis(2500));
+            u.write_all(&[1u8; 1000]).unwrap();
+            let mut buf = [0u8; 1];
+            let r = u.read(&mut buf);
+            let elapsed = t0.elapsed();
+            assert!(is_reset(&r), "upstream should see a reset, got {r:?}");
+            assert_within_bound("client gone 2.5 s before a write", elapsed);
+            let closes = proxy.wait_closes(1, Duration::from_secs(5));
+            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
         },
     );
 }

@@ -240,3 +240,68 @@ fn stall_timeout_closes_an_upstream_that_reads_nothing_as_upstream_stalled() {
     let e = wait_socket_error(&u, Duration::from_secs(5));
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "upstream reset too");
 }
+
+#[test]
+fn half_close_timeout_never_cuts_a_finished_reply_still_queued_for_a_slow_client() {
+    // A `Connection: close` server: the whole reply and its FIN are handed to
+    // kaproxy at once, and kaproxy has passed the FIN on, so the pair is
+    // half-closed while the reply still waits in the client's direction.
+    let total: u64 = 4 << 20;
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route("hc-fin", &[up], "half_close_timeout = \"1s\""));
+    let upstream = thread::spawn(move || {
+        let mut u = accept(&listener);
+        let mut buf = [0u8; 3];
+        u.read_exact(&mut buf)?;
+        write_pattern(&mut u, total)?;
+        u.shutdown(Shutdown::Write)
+    });
+    let mut c = connect(proxy.addr("hc-fin"));
+    c.write_all(b"GET").unwrap();
+    read_with_a_pause(&mut c, 64 * 1024, Duration::from_secs(3), total);
+    upstream.join().unwrap().expect("upstream sent its reply");
+    c.shutdown(Shutdown::Write).unwrap();
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "completed", "{}", closes[0]);
+}
+
+#[test]
+fn an_upstream_that_shrinks_its_window_and_reads_nothing_is_not_taken_for_dead() {
+    // user_timeout auto = 3 s upstream. The server shrinks its receive buffer
+    // after accept (as servers that size it do) and reads nothing for 10 s: its
+    // kernel still answers every retransmission, only further and further apart.
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&one_route(
+        "shrunk",
+        &[up],
+        "[route.upstream.keepalive]\nidle = \"1s\"\ninterval = \"1s\"\nprobes = 2\n",
+    ));
+    let mut c = connect(proxy.addr("shrunk"));
+    c.set_write_timeout(Some(Duration::from_secs(60))).unwrap();
+    let u = accept(&listener);
+    socket2::SockRef::from(&u)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    let uploader = thread::spawn(move || write_pattern(&mut c, 1 << 40));
+    thread::sleep(Duration::from_secs(10));
+    assert!(
+        proxy.closes().is_empty(),
+        "a live upstream was closed: {:?}",
+        proxy.closes()
+    );
+    // Now the server goes away for real: that, and only that, ends the pair.
+    reset(u);
+    let closes = proxy.wait_closes(1, Duration::from_secs(10));
+    assert_eq!(reason(&closes[0]), "upstream_reset", "{}", closes[0]);
+    let err = uploader
+        .join()
+        .unwrap()
+        .expect_err("the upload was cut by the reset");
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ),
+        "client told with a reset, got {err:?}"
+    );
+}

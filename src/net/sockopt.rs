@@ -127,7 +127,10 @@ pub struct SendState {
     pub bytes_acked: u64,
     /// Time since the peer last sent an ACK of any kind, window-probe answers included.
     pub since_last_ack: Duration,
-    /// Window probes sent and not answered since the last ACK (tcpi_probes).
+    /// Time since kaproxy last sent a segment carrying data, retransmissions
+    /// included (tcpi_last_data_sent).
+    pub since_last_send: Duration,
+    /// Keepalive or window probes sent and not answered since the last ACK (tcpi_probes).
     pub unanswered_probes: u8,
 }
 
@@ -147,6 +150,7 @@ where
     // The borrow of `socket` keeps the descriptor open for the call.
     let (info, _) = raw::tcp_info(socket.as_fd().as_raw_fd())?;
     Ok(SendState {
+        since_last_send: Duration::from_millis(u64::from(info.tcpi_last_data_sent)),
         unacked: info.tcpi_unacked,
         notsent: info.tcpi_notsent_bytes,
         bytes_acked: info.tcpi_bytes_acked,

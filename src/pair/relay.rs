@@ -284,11 +284,11 @@ impl Timers<'_, '_> {
         Some(holds.idle.map_or(due, |h| due.max(h)))
     }
 
-    /// The direction still open while half-closed, with its source side.
-    fn open_direction(&self) -> Option<(&Direction, Side, &TcpStream)> {
+    /// The source side of the direction still open while half-closed.
+    fn open_source(&self) -> Option<Side> {
         match (self.c2u.done, self.u2c.done) {
-            (true, false) => Some((self.u2c, Side::Upstream, self.client)),
-            (false, true) => Some((self.c2u, Side::Client, self.upstream)),
+            (true, false) => Some(Side::Upstream),
+            (false, true) => Some(Side::Client),
             _ => None,
         }
     }
@@ -296,7 +296,7 @@ impl Timers<'_, '_> {
     fn half_close_due(&self, holds: &Holds) -> Option<Instant> {
         let d = self.limits.half_close_timeout?;
         let since = self.half_closed_at?;
-        let (_, from, _) = self.open_direction()?;
+        let from = self.open_source()?;
         let due = after(since.max(self.stats.last_from(from)), d);
         Some(holds.half_close.map_or(due, |h| due.max(h)))
     }
@@ -385,8 +385,10 @@ impl Timers<'_, '_> {
         if let (Some(due), Some(d)) = (self.half_close_due(&holds), self.limits.half_close_timeout)
         {
             if due <= now {
-                let (dir, _, to) = self.open_direction()?;
-                if dir.undelivered() || outstanding(to) {
+                // Data still on its way to either receiver, the one of the
+                // finished direction included (its FIN waits behind that data),
+                // is a stream still flowing, not a pair stuck half-closed.
+                if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
                     *half_close_hold = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::HalfCloseTimeout));

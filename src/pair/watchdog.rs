@@ -6,19 +6,23 @@
 //! data its peer has not acknowledged, the relay looks at TCP_INFO now and then:
 //!
 //! - Window open, data unacknowledged: a live peer ACKs within a round trip.
-//!   No ACK of any kind for `user_timeout` (counted from when the data was
-//!   sent, or from the last ACK if later) means the peer is **dead**.
-//! - Nothing in flight but data waiting (the peer's window is closed, or too
-//!   small for a segment): the kernel sends window probes, which a live peer
-//!   answers even when it reads nothing. A probe left
-//!   unanswered for `user_timeout` means the peer is **dead**. Answered probes
-//!   mean it is alive: **stalled** once it has accepted no byte for
-//!   `stall_timeout`, when one is set, and never dead.
+//!   No ACK of any kind for `user_timeout` means the peer is **dead**. The
+//!   silence counts from the write, or from the peer's last ACK when it had
+//!   already left keepalive probes unanswered before the write.
+//! - Window closed (zero, or shrunk under data already in flight), or too
+//!   small for a segment: the kernel probes the window, with window probes or
+//!   with retransmissions that act as probes, and a live peer answers each one
+//!   even when it reads nothing. At least two probes in a row unanswered (one
+//!   lost answer is not death) and nothing from the peer for `user_timeout`
+//!   mean **dead**.
+//! - The peer answers what it is sent (probes, or segments with an ACK) but
+//!   has accepted no byte for `stall_timeout` (when set): **stalled**. A peer
+//!   that answers nothing is never called stalled.
 //!
-//! Window probes back off exponentially up to TCP_RTO_MAX (2 minutes), so a
-//! peer that vanishes after reading nothing for a long while is found within
-//! `user_timeout` of the first probe it leaves unanswered, which may come up to
-//! 2 minutes after it vanished.
+//! Probes back off exponentially up to TCP_RTO_MAX (2 minutes), so a peer
+//! that vanishes after reading nothing for a long while is found at its second
+//! unanswered probe at the earliest, which can come a few minutes after it
+//! vanished.
 
 use std::time::Duration;
 
@@ -96,8 +100,8 @@ pub struct SideWatch {
     /// Bytes acknowledged at the last look, and when that number last grew.
     bytes_acked: Option<u64>,
     progress_at: Option<Instant>,
-    /// First look that saw a window probe unanswered, since the last ACK.
-    unanswered_since: Option<Instant>,
+    /// When the first retransmission seen unanswered since the last ACK was sent.
+    unanswered_send: Option<Instant>,
 }
 
 impl SideWatch {
@@ -114,7 +118,7 @@ impl SideWatch {
                 next: Some(now + spec.period().min(FIRST_LOOK)),
                 bytes_acked: None,
                 progress_at: Some(now),
-                unanswered_since: None,
+                unanswered_send: None,
             };
         }
     }
@@ -146,53 +150,79 @@ impl SideWatch {
         let last_ack = now.checked_sub(s.since_last_ack).unwrap_or(armed_at);
         let mut next = now + spec.period();
 
-        // Nothing is in flight but data waits: the peer's window is closed (or
-        // too small for a segment), and the kernel sends window probes, which
-        // a live peer answers and a dead one leaves unanswered.
-        let window_closed = s.unacked == 0;
-        if window_closed && s.unanswered_probes > 0 {
-            let since = match self.unanswered_since {
-                Some(t) if t >= last_ack => t,
-                _ => now,
-            };
-            self.unanswered_since = Some(since);
+        // Probing: nothing can be sent, so the kernel probes the window (with
+        // window probes when nothing is in flight, with retransmissions when
+        // the peer shrank its window under data already sent).
+        // With nothing in flight, data waits on a closed (or too small)
+        // window and the kernel sends window probes: a live peer answers them
+        // even when it reads nothing. With segments in flight, each
+        // retransmission is a probe too: a peer whose window is shut, or whose
+        // buffer is too small to take a segment, answers it with a duplicate
+        // ACK, only further and further apart as the kernel backs off.
+        // Whether the newest probe is unanswered, and whether two in a row are:
+        let window_probes = s.unacked == 0;
+        let (unanswered, repeated) = if window_probes {
+            (s.unanswered_probes > 0, s.unanswered_probes >= 2)
         } else {
-            self.unanswered_since = None;
+            let last_send = now.checked_sub(s.since_last_send).unwrap_or(armed_at);
+            let unanswered = last_send > last_ack;
+            let first = self.unanswered_send.filter(|t| *t > last_ack);
+            // Keepalive probes left unanswered before the write count too.
+            let repeated = first.is_some_and(|t| last_send > t) || s.unanswered_probes >= 2;
+            (unanswered, repeated)
+        };
+        // Remember the first transmission seen unanswered: a later one also
+        // unanswered makes two in a row.
+        if unanswered {
+            if self.unanswered_send.is_none_or(|t| t < last_ack) {
+                self.unanswered_send = now.checked_sub(s.since_last_send);
+            }
+        } else {
+            self.unanswered_send = None;
         }
 
-        if let Some(limit) = spec.dead_after {
-            if window_closed {
-                if let Some(since) = self.unanswered_since {
-                    let silent = now - since;
-                    if silent >= limit {
-                        return Verdict::Dead(format!(
-                            "the peer stopped answering window probes: none answered for {} (user_timeout {})",
-                            fmt_duration(round_ms(silent)),
-                            fmt_duration(limit)
-                        ));
-                    }
-                    next = next.min(since + limit);
-                }
-            } else if s.unacked > 0 {
-                let since = last_ack.max(armed_at);
-                let silent = now - since;
-                if silent >= limit {
-                    return Verdict::Dead(format!(
-                        "no acknowledgement for {} with {} segment(s) in flight (user_timeout {})",
-                        fmt_duration(round_ms(silent)),
-                        s.unacked,
-                        fmt_duration(limit)
-                    ));
-                }
-                next = next.min(since + limit);
+        // One unanswered probe may be a lost answer; two in a row, and nothing
+        // from the peer for user_timeout, is death.
+        if let (Some(limit), true) = (spec.dead_after, repeated) {
+            // Silence counts from the peer's last ACK when nothing was in
+            // flight (only probes were), or when keepalive probes had already
+            // gone unanswered before the write; otherwise from the write, since
+            // an idle peer owed no ACK before it.
+            let since = if window_probes || s.unanswered_probes > 0 {
+                last_ack
+            } else {
+                last_ack.max(armed_at)
+            };
+            let silent = now - since;
+            if silent >= limit {
+                let what = if window_probes {
+                    "window probes".to_string()
+                } else {
+                    format!("{} segment(s) in flight", s.unacked)
+                };
+                return Verdict::Dead(format!(
+                    "nothing from the peer for {} despite {what} (user_timeout {})",
+                    fmt_duration(round_ms(silent)),
+                    fmt_duration(limit)
+                ));
             }
+            next = next.min(since + limit);
         }
-        if let Some(limit) = spec.stall_after {
+        // Stalled needs evidence of life: the peer answered the last thing sent
+        // to it (a window probe, or a segment that it acknowledged or
+        // answered with a duplicate ACK).
+        let answered = if s.unacked == 0 {
+            s.unanswered_probes == 0
+        } else {
+            now.checked_sub(s.since_last_send)
+                .is_some_and(|last_send| last_ack >= last_send)
+        };
+        if let Some(limit) = spec.stall_after.filter(|_| answered) {
             let since = self.progress_at.unwrap_or(armed_at).max(armed_at);
             let stalled = now - since;
             if stalled >= limit {
                 return Verdict::Stalled(format!(
-                    "the peer is alive but accepted no data for {} with {} byte(s) waiting (stall_timeout {})",
+                    "the peer is alive (it answers window probes) but accepted no data for {} with {} byte(s) waiting (stall_timeout {})",
                     fmt_duration(round_ms(stalled)),
                     s.notsent,
                     fmt_duration(limit)
@@ -223,6 +253,7 @@ mod tests {
             notsent,
             bytes_acked: acked,
             since_last_ack: Duration::from_millis(last_ack_ms),
+            since_last_send: Duration::from_millis(last_ack_ms + 1),
             unanswered_probes: probes,
         }
     }
@@ -247,14 +278,17 @@ mod tests {
         let t0 = Instant::now();
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
-        // The peer's last ACK predates the write: silence counts from the write.
-        let v = w.check(&SPEC, t0 + secs(1.0), &sample(5, 0, 100, 60_000, 0));
+        // The peer's last ACK (60 s ago) predates the write: silence counts
+        // from the write. Retransmissions at 0.2 s, 0.6 s, 1.4 s go unanswered.
+        let v = w.check(&SPEC, t0 + secs(0.25), &state(5, 65535, 60_250, 50, 0));
+        assert_eq!(v, Verdict::RecheckAt(t0 + secs(1.0)));
+        let v = w.check(&SPEC, t0 + secs(1.0), &state(5, 65535, 61_000, 400, 0));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(1.75)));
-        let v = w.check(&SPEC, t0 + secs(2.9), &sample(5, 0, 100, 62_900, 0));
+        let v = w.check(&SPEC, t0 + secs(2.9), &state(5, 65535, 62_900, 1_500, 0));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(3.0)));
-        let v = w.check(&SPEC, t0 + secs(3.0), &sample(5, 0, 100, 63_000, 0));
+        let v = w.check(&SPEC, t0 + secs(3.0), &state(5, 65535, 63_000, 1_600, 0));
         assert!(
-            matches!(v, Verdict::Dead(ref m) if m.contains("no acknowledgement")),
+            matches!(v, Verdict::Dead(ref m) if m.contains("in flight")),
             "{v:?}"
         );
     }
@@ -299,18 +333,21 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_window_probe_is_death_after_the_bound() {
+    fn two_unanswered_window_probes_after_the_bound_are_death() {
         let t0 = Instant::now();
         let mut w = SideWatch::default();
         w.arm(&SPEC, t0);
         let v = w.check(&SPEC, t0 + secs(0.75), &sample(0, 4096, 7, 100, 0));
         assert!(matches!(v, Verdict::RecheckAt(_)));
-        // A probe goes out at 40 s and is never answered.
-        let v = w.check(&SPEC, t0 + secs(40.0), &sample(0, 4096, 7, 39_000, 1));
+        // The last answer came at 39 s; a probe goes out at 40 s and is never
+        // answered: one unanswered probe is not enough.
+        let v = w.check(&SPEC, t0 + secs(40.0), &sample(0, 4096, 7, 1_000, 1));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(40.75)));
-        let v = w.check(&SPEC, t0 + secs(42.0), &sample(0, 4096, 7, 41_000, 2));
-        assert!(matches!(v, Verdict::RecheckAt(_)));
-        let v = w.check(&SPEC, t0 + secs(43.0), &sample(0, 4096, 7, 42_000, 2));
+        // The next probe is not answered either: silent since 39 s, so dead at
+        // 42 s; the next look comes one period on.
+        let v = w.check(&SPEC, t0 + secs(41.0), &sample(0, 4096, 7, 2_000, 2));
+        assert_eq!(v, Verdict::RecheckAt(t0 + secs(41.75)));
+        let v = w.check(&SPEC, t0 + secs(42.0), &sample(0, 4096, 7, 3_000, 2));
         assert!(
             matches!(v, Verdict::Dead(ref m) if m.contains("window probes")),
             "{v:?}"
@@ -341,6 +378,124 @@ mod tests {
             }
         }
         assert!(matches!(last, Some(Verdict::Stalled(_))), "{last:?}");
+    }
+
+    fn state(
+        unacked: u32,
+        _window: u32,
+        since_ack_ms: u64,
+        since_send_ms: u64,
+        probes: u8,
+    ) -> SendState {
+        SendState {
+            unacked,
+            notsent: 4096,
+            bytes_acked: 7,
+            since_last_ack: Duration::from_millis(since_ack_ms),
+            since_last_send: Duration::from_millis(since_send_ms),
+            unanswered_probes: probes,
+        }
+    }
+
+    #[test]
+    fn one_lost_answer_to_a_window_probe_is_not_death() {
+        let t0 = Instant::now();
+        let mut w = SideWatch::default();
+        w.arm(&SPEC, t0);
+        // A probe whose answer was lost stays unanswered until the next probe,
+        // up to two minutes later: long past the bound, but only one.
+        for i in 1..=100u64 {
+            let v = w.check(
+                &SPEC,
+                t0 + secs(i as f64),
+                &state(0, 0, i * 1000, i * 1000, 1),
+            );
+            assert!(matches!(v, Verdict::RecheckAt(_)), "second {i}: {v:?}");
+        }
+        // The next probe is answered.
+        let v = w.check(&SPEC, t0 + secs(101.0), &state(0, 0, 5, 60_000, 0));
+        assert!(matches!(v, Verdict::RecheckAt(_)), "{v:?}");
+    }
+
+    #[test]
+    fn a_shrunk_window_whose_retransmissions_are_answered_is_not_death() {
+        let t0 = Instant::now();
+        let mut w = SideWatch::default();
+        w.arm(&SPEC, t0);
+        // One segment in flight into a window the peer shrank to zero: each
+        // retransmission (backing off) is answered a millisecond later.
+        for i in 1..=60u64 {
+            let since_send = (i * 1000) % 16_000 + 1;
+            let since_ack = since_send - 1;
+            let v = w.check(
+                &SPEC,
+                t0 + secs(i as f64),
+                &state(1, 0, since_ack, since_send, 0),
+            );
+            assert!(matches!(v, Verdict::RecheckAt(_)), "second {i}: {v:?}");
+        }
+    }
+
+    #[test]
+    fn retransmissions_into_a_shrunk_window_left_unanswered_are_death() {
+        let t0 = Instant::now();
+        let mut w = SideWatch::default();
+        w.arm(&SPEC, t0);
+        // Last ACK at 10 s; retransmissions at 12 s and 16 s go unanswered.
+        let v = w.check(&SPEC, t0 + secs(13.0), &state(1, 0, 3000, 1000, 0));
+        assert!(matches!(v, Verdict::RecheckAt(_)), "{v:?}");
+        let v = w.check(&SPEC, t0 + secs(15.0), &state(1, 0, 5000, 3000, 0));
+        assert!(
+            matches!(v, Verdict::RecheckAt(_)),
+            "one unanswered is not enough: {v:?}"
+        );
+        let v = w.check(&SPEC, t0 + secs(16.5), &state(1, 0, 6500, 500, 0));
+        assert!(
+            matches!(v, Verdict::Dead(_)),
+            "two unanswered for 3.5 s: {v:?}"
+        );
+    }
+
+    #[test]
+    fn silence_after_unanswered_keepalive_probes_counts_from_the_last_ack() {
+        let t0 = Instant::now();
+        let mut w = SideWatch::default();
+        w.arm(&SPEC, t0);
+        // The peer vanished 2.9 s before the write and had left two keepalive
+        // probes unanswered: it is dead 3 s after its last ACK, not after the write.
+        let v = w.check(&SPEC, t0 + secs(0.1), &state(1, 65535, 3000, 100, 2));
+        assert!(matches!(v, Verdict::Dead(_)), "{v:?}");
+    }
+
+    #[test]
+    fn a_silent_peer_is_never_called_stalled() {
+        let spec = WatchSpec {
+            dead_after: None,
+            stall_after: Some(Duration::from_secs(3)),
+        };
+        let t0 = Instant::now();
+        let mut w = SideWatch::default();
+        w.arm(&spec, t0);
+        for i in 1..=20u64 {
+            // Window open, data in flight, no ACK at all: silent, not alive.
+            let v = w.check(
+                &spec,
+                t0 + secs(i as f64),
+                &state(10, 65535, i * 1000, 1, 0),
+            );
+            assert!(matches!(v, Verdict::RecheckAt(_)), "second {i}: {v:?}");
+            // Window closed, probes unanswered: silent too.
+        }
+        let mut w = SideWatch::default();
+        w.arm(&spec, t0);
+        for i in 1..=20u64 {
+            let v = w.check(
+                &spec,
+                t0 + secs(i as f64),
+                &state(0, 0, i * 1000, i * 1000, 3),
+            );
+            assert!(matches!(v, Verdict::RecheckAt(_)), "second {i}: {v:?}");
+        }
     }
 
     #[test]
