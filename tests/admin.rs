@@ -579,22 +579,7 @@ fn hold_connections(
 
 /// A GET to the admin endpoint: status, response head and body.
 fn admin_get_with_head(admin: SocketAddr, path: &str) -> (u16, String, String) {
-    let mut s = connect(admin);
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
-    let raw = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, head.to_string(), body.to_string())
+    admin_exchange(admin, "GET", path)
 }
 
 /// Peak resident memory (VmHWM) of the kaproxy started on this config file, in KiB.

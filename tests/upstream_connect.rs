@@ -144,23 +144,6 @@ fn ip(last: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
 }
 
-/// Echo server on a given address; runs until the process ends.
-fn echo_on(addr: SocketAddr) -> SocketAddr {
-    let l = TcpListener::bind(addr).expect("bind echo server");
-    let a = l.local_addr().unwrap();
-    thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            thread::spawn(move || {
-                let mut r = s.try_clone().unwrap();
-                let _ = std::io::copy(&mut r, &mut s);
-                let _ = s.shutdown(std::net::Shutdown::Write);
-            });
-        }
-    });
-    a
-}
-
 /// The addresses `name` resolves to here, in the order a connect tries them.
 fn resolved(name: &str, port: u16) -> Vec<SocketAddr> {
     (name, port).to_socket_addrs().unwrap().collect()

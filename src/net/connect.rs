@@ -11,12 +11,29 @@ use crate::config::{fmt_duration, KeepaliveSpec, ServerAddr, UpstreamSpec};
 use crate::net::sockopt;
 use crate::pool::{ActiveGuard, Pool};
 
+/// One failed connect attempt: the server as configured and what went wrong.
+#[derive(Debug, Clone)]
+pub struct FailedAttempt {
+    /// The server, as configured.
+    pub server: String,
+    /// What went wrong, address by address.
+    pub error: String,
+}
+
 /// Every attempt failed; one entry per attempt, in order.
 #[derive(Debug, thiserror::Error)]
-#[error("no upstream server accepted the connection: {}", .attempts.join("; "))]
+#[error("no upstream server accepted the connection: {}", describe(.attempts))]
 pub struct ConnectError {
-    /// `server: what went wrong`.
-    pub attempts: Vec<String>,
+    /// The attempts, in order.
+    pub attempts: Vec<FailedAttempt>,
+}
+
+fn describe(attempts: &[FailedAttempt]) -> String {
+    let each: Vec<String> = attempts
+        .iter()
+        .map(|a| format!("{}: {}", a.server, a.error))
+        .collect();
+    each.join("; ")
 }
 
 /// A connected upstream socket and where it goes.
@@ -30,6 +47,9 @@ pub struct Connected<'a> {
     pub addr: SocketAddr,
     /// Counts the pair against its server; the pair holds it while it lives.
     pub active: ActiveGuard<'a>,
+    /// Attempts that failed before this one, for the caller to log: logging
+    /// them here would need the pair's span for every pair, failing or not.
+    pub failed: Vec<FailedAttempt>,
 }
 
 /// Tries the servers the pool plans, each address within `connect_timeout`, and
@@ -55,13 +75,16 @@ pub async fn connect<'a>(
                     server: index,
                     addr,
                     active,
+                    failed: attempts,
                 });
             }
             Err(error) => {
                 drop(active);
-                tracing::warn!(server = %server, error = %error, "upstream connect failed");
                 pool.connect_failed(index, started, &error);
-                attempts.push(format!("{server}: {error}"));
+                attempts.push(FailedAttempt {
+                    server: server.to_string(),
+                    error,
+                });
             }
         }
     }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{field, Instrument};
+use tracing::field;
 
 use crate::config::{OnPeerFailure, Route};
 use crate::net::{connect, sockopt};
@@ -96,22 +96,22 @@ pub fn run(
         // whole life. The block keeps the connect result itself out of the
         // task's state during the relay.
         let (up_addr, _active) = {
-            let span = who.span(&route.name, None);
             let connected = Box::pin(async {
-                let connect = connect::connect(&route.route.upstream, &route.pool).instrument(span);
                 tokio::select! {
-                    c = connect => Some(c),
+                    c = connect::connect(&route.route.upstream, &route.pool) => Some(c),
                     _ = cancel.cancelled() => None,
                 }
             })
             .await;
             match connected {
                 Some(Ok(c)) => {
+                    log_failed_attempts(&who, &route.name, &c.failed);
                     registration.set_upstream(&c.stream);
                     upstream = c.stream;
                     (c.addr, c.active)
                 }
                 Some(Err(e)) => {
+                    log_failed_attempts(&who, &route.name, &e.attempts);
                     let end = RelayEnd::plain(CloseReason::ConnectFailed);
                     close.finish(registration, &client, None, &end, Some(e.to_string()));
                     return;
@@ -131,6 +131,18 @@ pub fn run(
             &end,
             None,
         );
+    }
+}
+
+/// One warning per failed connect attempt, in the pair's span, made only when
+/// there is something to say.
+fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttempt]) {
+    if failed.is_empty() {
+        return;
+    }
+    let _span = who.span(route, None).entered();
+    for a in failed {
+        tracing::warn!(server = %a.server, error = %a.error, "upstream connect failed");
     }
 }
 
@@ -198,7 +210,9 @@ impl Close<'_> {
                 if let Err(e) = sockopt::reset_on_close(sock) {
                     tracing::debug!(side = side.as_str(), error = %e, "could not set SO_LINGER 0");
                 }
-            } else if !sockopt::discard_unread(sock, DRAIN_BEFORE_FIN) {
+            // A completed or idle pair has read all there was; only a survivor
+            // closed with FIN after its peer failed may hold unread input.
+            } else if failed.is_some() && !sockopt::discard_unread(sock, DRAIN_BEFORE_FIN) {
                 tracing::debug!(
                     side = side.as_str(),
                     "more unread input than the drain limit: Linux will send RST, not FIN"

@@ -300,7 +300,13 @@ pub fn accept(listener: &TcpListener) -> TcpStream {
 
 /// Echo server: echoes every connection until EOF, then half-closes. Runs until the process ends.
 pub fn echo_server() -> SocketAddr {
-    let (l, a) = upstream_listener();
+    echo_on("127.0.0.1:0".parse().unwrap())
+}
+
+/// [`echo_server`] on a given address.
+pub fn echo_on(addr: SocketAddr) -> SocketAddr {
+    let l = TcpListener::bind(addr).expect("bind echo server");
+    let a = l.local_addr().unwrap();
     thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };
@@ -352,6 +358,12 @@ pub fn admin_get(admin: SocketAddr, path: &str) -> (u16, String) {
 
 /// Any request to the admin endpoint, `Connection: close`: status and body.
 pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let (status, _, body) = admin_exchange(admin, method, path);
+    (status, body)
+}
+
+/// Any request to the admin endpoint, `Connection: close`: status, response head and body.
+pub fn admin_exchange(admin: SocketAddr, method: &str, path: &str) -> (u16, String, String) {
     let mut s = connect(admin);
     write!(
         s,
@@ -366,7 +378,7 @@ pub fn admin_request(admin: SocketAddr, method: &str, path: &str) -> (u16, Strin
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// A metric's value from Prometheus text, by name and exact label set text.
