@@ -611,7 +611,7 @@ fn connections_requests_do_not_stall_other_pairs() {
     if pairs < 3000 {
         println!("note: RLIMIT_NOFILE is {nofile}: {pairs} idle pairs instead of 3000");
     }
-    let (holder, idle_up) = upstream_listener();
+    let (holder, idle_up) = upstream_listener_for_bursts();
     let echo = echo_server();
     let proxy = Proxy::start(&format!(
         "[[route]]\nname = \"idle\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{idle_up}\"]\n[[route]]\nname = \"probe\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{echo}\"]\n"

@@ -212,6 +212,13 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "longer than the longest supported duration",
     ),
     (
+        "stall_timeout finer than a millisecond",
+        "[defaults.client.keepalive]\nstall_timeout = \"1ns\"\n",
+        2,
+        "defaults.client.keepalive.stall_timeout",
+        "1ns is finer than a millisecond",
+    ),
+    (
         "stall_timeout not a duration",
         "[defaults.upstream.keepalive]\nstall_timeout = \"soon\"\n",
         2,

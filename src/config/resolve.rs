@@ -755,11 +755,22 @@ fn keepalive_layer(
         },
         None => None,
     };
-    let stall_timeout = raw
-        .stall_timeout
-        .as_ref()
-        .map(|s| off_or_duration(ctx, s, &format!("{field}.stall_timeout")))
-        .transpose()?;
+    let stall_timeout = match &raw.stall_timeout {
+        Some(s) => {
+            let f = format!("{field}.stall_timeout");
+            let d = off_or_duration(ctx, s, &f)?;
+            if let Some(d) = d.filter(|d| d.subsec_nanos() % 1_000_000 != 0) {
+                return ctx.err(
+                    s.span(),
+                    &f,
+                    format!("{} is finer than a millisecond", super::fmt_duration(d)),
+                    "write \"off\" or a duration in whole milliseconds, e.g. \"5m\" or \"2500ms\"",
+                );
+            }
+            Some(d)
+        }
+        None => None,
+    };
     Ok(KeepaliveLayer {
         enabled: raw.enabled.as_ref().map(|b| *b.get_ref()),
         idle,
@@ -1323,6 +1334,11 @@ pub fn parse_keepalive_shorthand(s: &str) -> Result<KeepaliveSpec, String> {
                 .map_err(|e| format!("stall_timeout {v:?} is not a duration ({e})"))?;
             if d > MAX_DURATION {
                 return Err(format!("stall_timeout {v:?} is longer than 365 days"));
+            }
+            if d.subsec_nanos() % 1_000_000 != 0 {
+                return Err(format!(
+                    "stall_timeout {v:?} is finer than a millisecond; use whole milliseconds"
+                ));
             }
             (!d.is_zero()).then_some(d)
         }

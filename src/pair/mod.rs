@@ -223,11 +223,20 @@ impl Close<'_> {
         let c2u = stats.client_to_upstream.load(Ordering::Relaxed);
         let u2c = stats.upstream_to_client.load(Ordering::Relaxed);
         let age = stats.age();
-        let detection = end
-            .reason
-            .dead_side()
-            .map(|side| (side, stats.since_data_from(side).as_secs_f64()));
-        let detection = detection.map(|(side, secs)| (side as usize, secs));
+        // Detection time: from the last thing heard from the dead side (any
+        // ACK, which TCP_INFO still tells after the connection ended), not
+        // from the last data it sent, which for a download is the request.
+        let detection = end.reason.dead_side().map(|side| {
+            let sock = match side {
+                Side::Client => Some(client),
+                Side::Upstream => upstream,
+            };
+            let silent = sock
+                .and_then(|s| sockopt::send_state(s).ok())
+                .map(|st| st.since_last_ack)
+                .unwrap_or_else(|| stats.since_data_from(side));
+            (side as usize, silent.as_secs_f64())
+        });
         self.route
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);

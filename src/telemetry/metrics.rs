@@ -187,7 +187,7 @@ impl Metrics {
         );
         registry.register(
             "dead_peer_detection_seconds",
-            "Time from the last data received from a side to the moment its death was declared",
+            "Time from the last thing heard from a side (its last ACK) to the moment its death was declared",
             m.detection.clone(),
         );
         registry.register(

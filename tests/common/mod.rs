@@ -274,6 +274,21 @@ pub fn upstream_listener() -> (TcpListener, SocketAddr) {
     (l, a)
 }
 
+/// [`upstream_listener`] with a listen backlog of 4,096 rather than std's 128,
+/// for tests that make kaproxy open thousands of upstream connections at once:
+/// with a short backlog the kernel drops SYNs, and a connect whose SYN is
+/// retried after a second can run out of connect_timeout.
+pub fn upstream_listener_for_bursts() -> (TcpListener, SocketAddr) {
+    let sock =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    sock.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind upstream");
+    sock.listen(4096).expect("listen");
+    let l: TcpListener = sock.into();
+    let a = l.local_addr().unwrap();
+    (l, a)
+}
+
 /// Accepts one connection within 10 s (the proxy's connect to an upstream peer),
 /// with 20 s deadlines on its reads and writes.
 pub fn accept(listener: &TcpListener) -> TcpStream {
