@@ -56,6 +56,27 @@ fn assert_within_bound(what: &str, elapsed: Duration) {
     );
 }
 
+/// Waits for `survivor` to be reset by kaproxy, times it from `t0` against the
+/// bound, and checks the logged close reason.
+fn expect_reset_within_bound(
+    what: &str,
+    survivor: &mut TcpStream,
+    t0: Instant,
+    proxy: &Proxy,
+    why: &str,
+) {
+    let mut buf = [0u8; 1];
+    let r = survivor.read(&mut buf);
+    let elapsed = t0.elapsed();
+    assert!(
+        is_reset(&r),
+        "{what}: the survivor should see a reset, got {r:?}"
+    );
+    assert_within_bound(what, elapsed);
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), why, "{}", closes[0]);
+}
+
 #[test]
 fn client_silent_while_idle_resets_the_upstream_within_the_bound() {
     isolated(
@@ -67,14 +88,13 @@ fn client_silent_while_idle_resets_the_upstream_within_the_bound() {
 
             blackhole_host_port(CLIENT_A, proxy.addr("ka").port());
             let t0 = Instant::now();
-            let mut buf = [0u8; 1];
-            let r = u.read(&mut buf);
-            let elapsed = t0.elapsed();
-            assert!(is_reset(&r), "upstream peer should see a reset, got {r:?}");
-            assert_within_bound("client silent while idle", elapsed);
-
-            let closes = proxy.wait_closes(1, Duration::from_secs(5));
-            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+            expect_reset_within_bound(
+                "client silent while idle",
+                &mut u,
+                t0,
+                &proxy,
+                "client_dead",
+            );
         },
     );
 }
@@ -90,14 +110,13 @@ fn upstream_silent_while_idle_resets_the_client_within_the_bound() {
 
             blackhole_port(up.port());
             let t0 = Instant::now();
-            let mut buf = [0u8; 1];
-            let r = c.read(&mut buf);
-            let elapsed = t0.elapsed();
-            assert!(is_reset(&r), "client should see a reset, got {r:?}");
-            assert_within_bound("upstream silent while idle", elapsed);
-
-            let closes = proxy.wait_closes(1, Duration::from_secs(5));
-            assert_eq!(reason(&closes[0]), "upstream_dead", "{}", closes[0]);
+            expect_reset_within_bound(
+                "upstream silent while idle",
+                &mut c,
+                t0,
+                &proxy,
+                "upstream_dead",
+            );
         },
     );
 }
@@ -346,13 +365,13 @@ fn upstream_silent_when_the_client_half_closes_resets_the_client_within_the_boun
             // run while it is outstanding, so only the watchdog can tell.
             c.shutdown(std::net::Shutdown::Write).unwrap();
             let t0 = Instant::now();
-            let mut buf = [0u8; 1];
-            let r = c.read(&mut buf);
-            let elapsed = t0.elapsed();
-            assert!(is_reset(&r), "client should see a reset, got {r:?}");
-            assert_within_bound("upstream silent after the client's FIN", elapsed);
-            let closes = proxy.wait_closes(1, Duration::from_secs(5));
-            assert_eq!(reason(&closes[0]), "upstream_dead", "{}", closes[0]);
+            expect_reset_within_bound(
+                "upstream silent after the client's FIN",
+                &mut c,
+                t0,
+                &proxy,
+                "upstream_dead",
+            );
         },
     );
 }
@@ -372,13 +391,13 @@ fn client_gone_before_a_write_is_dead_within_the_bound_of_its_vanishing() {
             // still been silent since the black-hole, not since the write.
             thread::sleep(Duration::from_millis(2500));
             u.write_all(&[1u8; 1000]).unwrap();
-            let mut buf = [0u8; 1];
-            let r = u.read(&mut buf);
-            let elapsed = t0.elapsed();
-            assert!(is_reset(&r), "upstream should see a reset, got {r:?}");
-            assert_within_bound("client gone 2.5 s before a write", elapsed);
-            let closes = proxy.wait_closes(1, Duration::from_secs(5));
-            assert_eq!(reason(&closes[0]), "client_dead", "{}", closes[0]);
+            expect_reset_within_bound(
+                "client gone 2.5 s before a write",
+                &mut u,
+                t0,
+                &proxy,
+                "client_dead",
+            );
         },
     );
 }
