@@ -7,10 +7,10 @@ WORKDIR /src
 # Manifests first with placeholder sources: the compiled dependencies form a
 # layer that is reused while only kaproxy's own sources change.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches \
+RUN mkdir -p src benches/relay \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
-    && echo 'fn main() {}' > benches/relay.rs \
+    && echo 'fn main() {}' > benches/relay/main.rs \
     && cargo build --release --locked --bin kaproxy
 COPY src ./src
 COPY benches ./benches
