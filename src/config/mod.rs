@@ -6,8 +6,10 @@
 
 mod env;
 mod error;
+mod keepalive;
 mod raw;
 mod resolve;
+mod source;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -16,7 +18,8 @@ use std::time::Duration;
 
 pub use env::route_key;
 pub use error::{ConfigError, Location};
-pub use resolve::{parse_keepalive_shorthand, parse_listen, parse_server};
+pub use keepalive::parse_keepalive_shorthand;
+pub use resolve::{parse_listen, parse_server};
 
 /// Built-in keepalive idle time for both sides.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
