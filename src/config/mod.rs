@@ -7,6 +7,7 @@
 mod env;
 mod error;
 mod keepalive;
+mod pool;
 mod raw;
 mod resolve;
 mod source;
@@ -19,7 +20,8 @@ use std::time::Duration;
 pub use env::route_key;
 pub use error::{ConfigError, Location};
 pub use keepalive::parse_keepalive_shorthand;
-pub use resolve::{parse_listen, parse_server};
+pub use pool::parse_server;
+pub use resolve::parse_listen;
 
 /// Built-in keepalive idle time for both sides.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
