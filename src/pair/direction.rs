@@ -135,7 +135,11 @@ impl Direction {
                 }
                 Some(Pending::Pipe(pipe)) => {
                     match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
-                        Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to)),
+                        Ok(0) => {
+                            // A finished direction is not polled again: give the pipe back now.
+                            self.pending = None;
+                            return Poll::Ready(pass_on_eof(to, to_side, wrote_to));
+                        }
                         Ok(_) => {}
                         // Burst over: close the pipe before waiting again.
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

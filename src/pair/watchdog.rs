@@ -143,12 +143,22 @@ impl SideWatch {
         // The first look has no earlier count to compare with: the peer may
         // have accepted data until just now, so count that as progress. A stall
         // is then declared up to one period late, never early.
-        if self.bytes_acked != Some(s.bytes_acked) {
+        let progressed = self.bytes_acked != Some(s.bytes_acked);
+        if progressed {
             self.progress_at = Some(now);
             self.bytes_acked = Some(s.bytes_acked);
         }
         let last_ack = now.checked_sub(s.since_last_ack).unwrap_or(armed_at);
-        let mut next = now + spec.period();
+        // While the peer is taking data, look again soon: once it has taken
+        // everything, the watch is dropped and the next write re-arms it, so
+        // a later silence is counted from that write, not from this arming.
+        // A peer that takes nothing is looked at once a period.
+        let mut next = now
+            + if progressed {
+                spec.period().min(FIRST_LOOK)
+            } else {
+                spec.period()
+            };
 
         // Probing: nothing can be sent, so the kernel probes the window (with
         // window probes when nothing is in flight, with retransmissions when
@@ -280,8 +290,10 @@ mod tests {
         w.arm(&SPEC, t0);
         // The peer's last ACK (60 s ago) predates the write: silence counts
         // from the write. Retransmissions at 0.2 s, 0.6 s, 1.4 s go unanswered.
+        // The first look has no count to compare with (taken as progress): the
+        // next comes soon.
         let v = w.check(&SPEC, t0 + secs(0.25), &state(5, 65535, 60_250, 50, 0));
-        assert_eq!(v, Verdict::RecheckAt(t0 + secs(1.0)));
+        assert_eq!(v, Verdict::RecheckAt(t0 + secs(0.5)));
         let v = w.check(&SPEC, t0 + secs(1.0), &state(5, 65535, 61_000, 400, 0));
         assert_eq!(v, Verdict::RecheckAt(t0 + secs(1.75)));
         let v = w.check(&SPEC, t0 + secs(2.9), &state(5, 65535, 62_900, 1_500, 0));
