@@ -222,9 +222,7 @@ pin_project_lite::pin_project! {
         #[pin]
         sleep: Sleep,
         watch: [SideWatch; 2],
-        // A timer that found data waiting instead of silence is held off until then.
-        idle_hold: Option<Instant>,
-        half_close_hold: Option<Instant>,
+        holds: Holds,
     }
 }
 
@@ -233,8 +231,7 @@ impl TimerState {
         Box::pin(TimerState {
             sleep: sleep_until(at),
             watch: [SideWatch::default(), SideWatch::default()],
-            idle_hold: None,
-            half_close_hold: None,
+            holds: Holds::default(),
         })
     }
 }
@@ -259,7 +256,8 @@ pin_project_lite::pin_project! {
     }
 }
 
-/// Times before which a timer that found data waiting will not fire again.
+/// Times before which a timer that found data waiting (instead of silence)
+/// will not fire again.
 #[derive(Default)]
 struct Holds {
     idle: Option<Instant>,
@@ -302,21 +300,14 @@ impl Timers<'_, '_> {
     }
 
     fn next_due(&self, t: Option<&TimerState>) -> Option<Instant> {
-        let (watches, holds) = match t {
-            Some(t) => (
-                [t.watch[0].due(), t.watch[1].due()],
-                Holds {
-                    idle: t.idle_hold,
-                    half_close: t.half_close_hold,
-                },
-            ),
-            None => ([None, None], Holds::default()),
-        };
+        let none = Holds::default();
+        let holds = t.map_or(&none, |t| &t.holds);
+        let watches = t.map_or([None, None], |t| [t.watch[0].due(), t.watch[1].due()]);
         [
             watches[0],
             watches[1],
-            self.idle_due(&holds),
-            self.half_close_due(&holds),
+            self.idle_due(holds),
+            self.half_close_due(holds),
         ]
         .into_iter()
         .flatten()
@@ -325,6 +316,13 @@ impl Timers<'_, '_> {
 
     fn undelivered(&self) -> bool {
         self.c2u.undelivered() || self.u2c.undelivered()
+    }
+
+    /// Data still on its way to either receiver, in kaproxy or in a socket's
+    /// send queue: a stream still flowing (or waiting on a slow reader), not
+    /// a silent pair.
+    fn data_waiting(&self) -> bool {
+        self.undelivered() || outstanding(self.client) || outstanding(self.upstream)
     }
 
     fn socket(&self, side: Side) -> &TcpStream {
@@ -338,14 +336,9 @@ impl Timers<'_, '_> {
     fn fire(
         &self,
         watches: &mut [SideWatch; 2],
-        idle_hold: &mut Option<Instant>,
-        half_close_hold: &mut Option<Instant>,
+        holds: &mut Holds,
         now: Instant,
     ) -> Option<RelayEnd> {
-        let holds = Holds {
-            idle: *idle_hold,
-            half_close: *half_close_hold,
-        };
         for side in [Side::Client, Side::Upstream] {
             let watch = &mut watches[side as usize];
             if watch.due().is_none_or(|due| due > now) {
@@ -373,23 +366,21 @@ impl Timers<'_, '_> {
                 undelivered: self.undelivered(),
             });
         }
-        if let (Some(due), Some(d)) = (self.idle_due(&holds), self.limits.idle_timeout) {
+        if let (Some(due), Some(d)) = (self.idle_due(holds), self.limits.idle_timeout) {
             if due <= now {
-                if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
-                    *idle_hold = Some(after(now, d));
+                if self.data_waiting() {
+                    holds.idle = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::IdleTimeout));
                 }
             }
         }
-        if let (Some(due), Some(d)) = (self.half_close_due(&holds), self.limits.half_close_timeout)
-        {
+        if let (Some(due), Some(d)) = (self.half_close_due(holds), self.limits.half_close_timeout) {
             if due <= now {
-                // Data still on its way to either receiver, the one of the
-                // finished direction included (its FIN waits behind that data),
-                // is a stream still flowing, not a pair stuck half-closed.
-                if self.undelivered() || outstanding(self.client) || outstanding(self.upstream) {
-                    *half_close_hold = Some(after(now, d));
+                // The finished direction's receiver counts too: its FIN waits
+                // behind that data.
+                if self.data_waiting() {
+                    holds.half_close = Some(after(now, d));
                 } else {
                     return Some(RelayEnd::plain(CloseReason::HalfCloseTimeout));
                 }
@@ -513,10 +504,8 @@ where
                 continue;
             };
             let state = this.timers.get_or_insert_with(|| TimerState::new(now));
-            let watch = &mut state.as_mut().project().watch[side as usize];
-            if watch.due().is_none() {
-                watch.arm(spec, now);
-            }
+            // A no-op while already armed: silence counts from the first write.
+            state.as_mut().project().watch[side as usize].arm(spec, now);
         }
         loop {
             let Some(due) = timers.next_due(this.timers.as_deref()) else {
@@ -532,8 +521,7 @@ where
             if t.sleep.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            if let Some(end) = timers.fire(t.watch, t.idle_hold, t.half_close_hold, Instant::now())
-            {
+            if let Some(end) = timers.fire(t.watch, t.holds, Instant::now()) {
                 return Poll::Ready(end);
             }
         }
