@@ -154,6 +154,33 @@ fn a_live_client_that_stops_reading_is_not_taken_for_dead() {
 /// here), plus scheduling on a loaded machine.
 const STALL_TOLERANCE: Duration = Duration::from_millis(1500);
 
+/// Waits for the pair to close as `why` and checks it came `stall_timeout`
+/// (2 s) after `stopped`, within [`STALL_TOLERANCE`].
+fn expect_stall_close(proxy: &Proxy, stopped: Instant, why: &str) {
+    let closes = proxy.wait_closes(1, Duration::from_secs(10));
+    let elapsed = stopped.elapsed();
+    assert_eq!(reason(&closes[0]), why, "{}", closes[0]);
+    println!("{why}: closed {elapsed:?} after the peer stopped reading (stall_timeout 2s)");
+    assert!(
+        elapsed >= Duration::from_secs(2) && elapsed <= Duration::from_secs(2) + STALL_TOLERANCE,
+        "closed {elapsed:?} after the peer stopped, stall_timeout 2 s + {STALL_TOLERANCE:?}"
+    );
+}
+
+/// A writer thread's stream must end with a reset, not complete.
+fn expect_cut_by_reset<T>(writer: JoinHandle<std::io::Result<T>>, what: &str) {
+    let Err(err) = writer.join().unwrap() else {
+        panic!("{what}: the stream was not cut");
+    };
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+        ),
+        "{what}: told with a reset, got {err:?}"
+    );
+}
+
 #[test]
 fn stall_timeout_closes_a_client_that_reads_nothing_as_client_stalled() {
     let (listener, up) = upstream_listener();
@@ -167,25 +194,8 @@ fn stall_timeout_closes_a_client_that_reads_nothing_as_client_stalled() {
     c.write_all(b"GET").unwrap();
     read_pattern(&mut c, 0, 1 << 20).unwrap();
     let stopped = Instant::now();
-    let closes = proxy.wait_closes(1, Duration::from_secs(10));
-    let elapsed = stopped.elapsed();
-    assert_eq!(reason(&closes[0]), "client_stalled", "{}", closes[0]);
-    println!("client stalled: closed {elapsed:?} after it stopped reading (stall_timeout 2s)");
-    assert!(
-        elapsed >= Duration::from_secs(2) && elapsed <= Duration::from_secs(2) + STALL_TOLERANCE,
-        "closed {elapsed:?} after the client stopped, stall_timeout 2 s + {STALL_TOLERANCE:?}"
-    );
-    let err = upstream
-        .join()
-        .unwrap()
-        .expect_err("the upstream's stream was cut");
-    assert!(
-        matches!(
-            err.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
-        ),
-        "upstream told with a reset, got {err:?}"
-    );
+    expect_stall_close(&proxy, stopped, "client_stalled");
+    expect_cut_by_reset(upstream, "the upstream's stream was cut");
     // What was already in the client's buffers is still there, then a reset:
     // never a clean end of a stream that was cut.
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -218,25 +228,8 @@ fn stall_timeout_closes_an_upstream_that_reads_nothing_as_upstream_stalled() {
     read_pattern(&mut u, 0, 1 << 20).unwrap();
     // From here the upstream reads nothing, though its kernel still ACKs.
     let stopped = Instant::now();
-    let closes = proxy.wait_closes(1, Duration::from_secs(10));
-    let elapsed = stopped.elapsed();
-    assert_eq!(reason(&closes[0]), "upstream_stalled", "{}", closes[0]);
-    println!("upstream stalled: closed {elapsed:?} after it stopped reading (stall_timeout 2s)");
-    assert!(
-        elapsed >= Duration::from_secs(2) && elapsed <= Duration::from_secs(2) + STALL_TOLERANCE,
-        "closed {elapsed:?} after the upstream stopped, stall_timeout 2 s + {STALL_TOLERANCE:?}"
-    );
-    let err = uploader
-        .join()
-        .unwrap()
-        .expect_err("the client's upload was cut");
-    assert!(
-        matches!(
-            err.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
-        ),
-        "client told with a reset, got {err:?}"
-    );
+    expect_stall_close(&proxy, stopped, "upstream_stalled");
+    expect_cut_by_reset(uploader, "the client's upload was cut");
     let e = wait_socket_error(&u, Duration::from_secs(5));
     assert_eq!(e.kind(), ErrorKind::ConnectionReset, "upstream reset too");
 }
@@ -293,15 +286,5 @@ fn an_upstream_that_shrinks_its_window_and_reads_nothing_is_not_taken_for_dead()
     reset(u);
     let closes = proxy.wait_closes(1, Duration::from_secs(10));
     assert_eq!(reason(&closes[0]), "upstream_reset", "{}", closes[0]);
-    let err = uploader
-        .join()
-        .unwrap()
-        .expect_err("the upload was cut by the reset");
-    assert!(
-        matches!(
-            err.kind(),
-            ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
-        ),
-        "client told with a reset, got {err:?}"
-    );
+    expect_cut_by_reset(uploader, "the upload was cut by the reset");
 }
