@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 
@@ -115,9 +116,9 @@ pub async fn connect_one(
     };
     let mut failures = Vec::new();
     for addr in addrs {
-        let error = match sockopt::upstream_socket(addr, keepalive) {
-            Err(e) => format!("cannot set up socket options: {e}"),
-            Ok(socket) => match timeout(timeout_each, socket.connect(addr)).await {
+        let error = match sockopt::start_upstream_connect(addr, keepalive) {
+            Err(e) => e.to_string(),
+            Ok(socket) => match timeout(timeout_each, finish_connect(socket)).await {
                 Ok(Ok(stream)) => return Ok((stream, addr)),
                 Ok(Err(e)) => e.to_string(),
                 Err(_) => format!("timed out after {}", fmt_duration(timeout_each)),
@@ -130,6 +131,18 @@ pub async fn connect_one(
         return Err(format!("{} resolved to no address", server.host));
     }
     Err(failures.join(", "))
+}
+
+/// Waits for a started connect to finish. Writable without an error or
+/// hang-up means established, so SO_ERROR is only read on failure: one
+/// getsockopt(2) less per pair than tokio's own connect.
+async fn finish_connect(socket: std::net::TcpStream) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::from_std(socket)?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(sockopt::connect_error(&stream));
+    }
+    Ok(stream)
 }
 
 #[cfg(test)]
