@@ -4,6 +4,7 @@
 //! Buffers are allocated when a socket turns readable and dropped as soon as a
 //! read would block, so an idle direction holds no buffer and no pipe.
 
+use std::cell::RefCell;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{ready, Context, Poll};
@@ -21,10 +22,44 @@ use crate::net::splice::{self, Pipe};
 /// on bulk transfers; it is only held while a socket has data to read.
 const RELAY_BUFFER: usize = 64 * 1024;
 
+/// Relay buffers a thread keeps for its next bursts. A burst of a few bytes
+/// (one request, one small response) would otherwise cost a 64 KiB malloc and
+/// free each, which were a sixth of kaproxy's user time on new connections.
+/// Bounded per thread, not per pair: idle pairs still hold none.
+const SPARE_BUFFERS: usize = 8;
+
+thread_local! {
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A relay buffer that goes back to its thread's spares when dropped.
+struct RelayBuf(Vec<u8>);
+
+impl RelayBuf {
+    fn take() -> RelayBuf {
+        let spare = SPARE.with(|s| s.borrow_mut().pop());
+        RelayBuf(spare.unwrap_or_else(|| Vec::with_capacity(RELAY_BUFFER)))
+    }
+}
+
+impl Drop for RelayBuf {
+    fn drop(&mut self) {
+        let mut buf = std::mem::take(&mut self.0);
+        buf.clear();
+        // try_with: a buffer dropped while the thread exits is simply freed.
+        let _ = SPARE.try_with(|s| {
+            let mut spare = s.borrow_mut();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(buf);
+            }
+        });
+    }
+}
+
 /// Data read from one side and not yet fully written to the other.
 enum Pending {
     /// Copy path: a user-space buffer and how much of it has been written.
-    Buffer(Vec<u8>, usize),
+    Buffer(RelayBuf, usize),
     /// Zero-copy path for bulk transfers.
     Pipe(Pipe),
 }
@@ -58,6 +93,8 @@ pub(super) struct Io<'a> {
     /// Set when data or a FIN was written to `to`: the receiving side's
     /// watchdog then arms.
     pub wrote: &'a mut bool,
+    /// The other direction has ended: this one's end of stream ends the pair.
+    pub last: bool,
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -67,9 +104,42 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
+/// Reads into `buf`'s spare capacity. A read that returns less than it was
+/// offered has emptied the receive queue, and epoll is edge-triggered, so the
+/// socket's readiness is cleared then, as tokio's own `poll_read` does: the next
+/// read waits for new data instead of costing a read that fails with EAGAIN.
+/// `try_io` clears only if no new readiness event arrived since the read began.
+fn read_noting_drain(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let offered = buf.capacity() - buf.len();
+    let mut short = None;
+    let r = from.try_io(Interest::READABLE, || match from.try_read_buf(buf)? {
+        n if n > 0 && n < offered => {
+            short = Some(n);
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        n => Ok(n),
+    });
+    match short {
+        Some(n) => Ok(n),
+        None => r,
+    }
+}
+
 /// Half-closes towards `to`. The FIN is data the peer must acknowledge, and
 /// keepalive does not run until it does, so the watchdog covers it like a write.
-fn pass_on_eof(to: &TcpStream, to_side: Side, wrote_to: &mut bool) -> Result<(), SideError> {
+///
+/// When it ends the pair (`last`), the close that follows sends the FIN: `to`
+/// has nothing left to read, since its own end of stream was read before, so
+/// Linux closes it with FIN and the shutdown(2) would be a wasted call.
+fn pass_on_eof(
+    to: &TcpStream,
+    to_side: Side,
+    wrote_to: &mut bool,
+    last: bool,
+) -> Result<(), SideError> {
+    if last {
+        return Ok(());
+    }
     sockopt::shutdown_write(to).map_err(|e| blame(to_side, to, e))?;
     *wrote_to = true;
     Ok(())
@@ -79,7 +149,7 @@ impl Direction {
     /// Whether data read from the source is still waiting to be written.
     pub fn undelivered(&self) -> bool {
         match self.pending.as_deref() {
-            Some(Pending::Buffer(buf, written)) => *written < buf.len(),
+            Some(Pending::Buffer(buf, written)) => *written < buf.0.len(),
             Some(Pending::Pipe(pipe)) => pipe.queued > 0,
             None => false,
         }
@@ -95,6 +165,7 @@ impl Direction {
             route_bytes,
             stats,
             wrote: wrote_to,
+            last,
         } = io;
         let to_side = from_side.other();
         let from_err = |e| blame(from_side, from, e);
@@ -107,11 +178,11 @@ impl Direction {
         };
         loop {
             match self.pending.as_deref_mut() {
-                Some(Pending::Buffer(buf, written)) if *written < buf.len() => {
+                Some(Pending::Buffer(buf, written)) if *written < buf.0.len() => {
                     if let Err(e) = ready!(to.poll_write_ready(cx)) {
                         return Poll::Ready(Err(to_err(e)));
                     }
-                    match to.try_write(&buf[*written..]) {
+                    match to.try_write(&buf.0[*written..]) {
                         Ok(0) => return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into()))),
                         Ok(n) => {
                             *written += n;
@@ -138,7 +209,7 @@ impl Direction {
                         Ok(0) => {
                             // A finished direction is not polled again: give the pipe back now.
                             self.pending = None;
-                            return Poll::Ready(pass_on_eof(to, to_side, wrote_to));
+                            return Poll::Ready(pass_on_eof(to, to_side, wrote_to, last));
                         }
                         Ok(_) => {}
                         // Burst over: close the pipe before waiting again.
@@ -177,21 +248,22 @@ impl Direction {
                     if let Err(e) = ready!(from.poll_read_ready(cx)) {
                         return Poll::Ready(Err(from_err(e)));
                     }
-                    Box::new(Pending::Buffer(Vec::with_capacity(RELAY_BUFFER), 0))
+                    Box::new(Pending::Buffer(RelayBuf::take(), 0))
                 }
             };
             let Pending::Buffer(buf, written) = &mut *pending else {
                 unreachable!("only a buffer is kept for the next read");
             };
+            let buf = &mut buf.0;
             buf.clear();
             *written = 0;
-            match from.try_read_buf(buf) {
-                Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to)),
+            match read_noting_drain(from, buf) {
+                Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to, last)),
                 Ok(n) => {
                     self.bulk = n == buf.capacity();
                     self.pending = Some(pending);
                 }
-                // Drained for now: the buffer is dropped here, before waiting again.
+                // Drained for now: the buffer goes back to the spares here, before waiting again.
                 Err(e) if transient(&e) => {}
                 Err(e) => return Poll::Ready(Err(from_err(e))),
             }
