@@ -226,6 +226,11 @@ pin_project_lite::pin_project! {
     }
 }
 
+/// Deadline of a timer state made before anything is due. Later than any real
+/// deadline, so the first one resets it: a placeholder of "now" would have been
+/// registered as it stood, and fired (and woken the pair) a millisecond later.
+const NOT_YET_DUE: Duration = Duration::from_secs(365 * 24 * 3600);
+
 impl TimerState {
     fn new(at: Instant) -> Pin<Box<TimerState>> {
         Box::pin(TimerState {
@@ -410,6 +415,7 @@ where
         // Which sides were written to (data or FIN) in this poll: their watchdogs arm.
         let mut wrote = [false; 2];
         let [wrote_client, wrote_upstream] = &mut wrote;
+        let (c2u_done, u2c_done) = (this.c2u.done, this.u2c.done);
         let directions = [
             (
                 &mut *this.c2u,
@@ -421,6 +427,7 @@ where
                     route_bytes: &bytes.client_to_upstream,
                     stats,
                     wrote: wrote_upstream,
+                    last: u2c_done,
                 },
             ),
             (
@@ -433,6 +440,7 @@ where
                     route_bytes: &bytes.upstream_to_client,
                     stats,
                     wrote: wrote_client,
+                    last: c2u_done,
                 },
             ),
         ];
@@ -503,7 +511,9 @@ where
             let Some(now) = now_if_wrote.filter(|_| wrote[side as usize] && spec.enabled()) else {
                 continue;
             };
-            let state = this.timers.get_or_insert_with(|| TimerState::new(now));
+            let state = this
+                .timers
+                .get_or_insert_with(|| TimerState::new(now + NOT_YET_DUE));
             // A no-op while already armed: silence counts from the first write.
             state.as_mut().project().watch[side as usize].arm(spec, now);
         }
