@@ -1,6 +1,6 @@
 //! Wires a [`Config`] into listeners and pair tasks, and owns the one shutdown path.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use crate::pair::registry::Registry;
 use crate::pair::{self, accept, RouteState};
 use crate::pool::Pool;
 use crate::telemetry::metrics::Metrics;
+use crate::workers::Workers;
 
 /// After the grace period, pairs are told to close; this bounds how long that takes.
 const KILL_WAIT: Duration = Duration::from_secs(1);
@@ -43,12 +44,19 @@ pub struct App {
     kill_pairs: CancellationToken,
     services: TaskTracker,
     pairs: TaskTracker,
+    /// Last, so that it is dropped last: this stops the worker threads.
+    workers: Workers,
 }
 
 impl App {
     /// Binds every route first (so a bad address fails the start, not half of it),
     /// then starts accepting on all of them. Logs one "route listening" line per route.
-    pub async fn start(config: Config) -> Result<App, StartError> {
+    pub async fn start(config: Config, workers: usize) -> Result<App, StartError> {
+        let workers = Workers::start(workers).map_err(|source| StartError {
+            route: "kaproxy".to_string(),
+            what: "cannot start the worker threads".to_string(),
+            source,
+        })?;
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let fail = |what: String| {
@@ -60,14 +68,23 @@ impl App {
                 }
             };
             let listening = || format!("cannot listen on {}", route.listen);
-            // Client options go on the listener, which every accepted socket inherits.
-            let std_listener = sockopt::bind_listener(route.listen, Some(&route.client.keepalive))
-                .map_err(fail(listening()))?;
-            let listener = TcpListener::from_std(std_listener).map_err(fail(listening()))?;
-            let addr = listener.local_addr().map_err(fail(listening()))?;
+            // Client options go on the listeners, which every accepted socket inherits.
+            let std_listeners = sockopt::bind_listeners(
+                route.listen,
+                Some(&route.client.keepalive),
+                workers.handles().len(),
+            )
+            .map_err(fail(listening()))?;
+            let addr = std_listeners[0].local_addr().map_err(fail(listening()))?;
+            // Each copy is registered with the reactor of the worker that will accept on it.
+            let mut copies = Vec::with_capacity(std_listeners.len());
+            for (std_listener, worker) in std_listeners.into_iter().zip(workers.handles()) {
+                let _on_worker = worker.enter();
+                copies.push(TcpListener::from_std(std_listener).map_err(fail(listening()))?);
+            }
             sockopt::verify_upstream_options(&route.upstream.keepalive)
                 .map_err(fail("cannot set the upstream socket options".to_string()))?;
-            listeners.push((listener, addr));
+            listeners.push((copies, addr));
         }
 
         let app = App {
@@ -78,6 +95,7 @@ impl App {
             kill_pairs: CancellationToken::new(),
             services: TaskTracker::new(),
             pairs: TaskTracker::new(),
+            workers,
         };
         let admin_listener = match config.admin {
             Some(addr) => {
@@ -100,7 +118,7 @@ impl App {
         let registry = Arc::new(Registry::default());
         let mut admin_routes = Vec::new();
         let ids = Arc::new(AtomicU64::new(1));
-        for (route, (listener, addr)) in config.routes.into_iter().zip(listeners) {
+        for (route, (listeners, addr)) in config.routes.into_iter().zip(listeners) {
             let servers: Vec<String> = route
                 .upstream
                 .servers
@@ -132,13 +150,17 @@ impl App {
                     ));
                 }
             }
-            app.services.spawn(accept::accept_loop(
-                listener,
-                state,
-                app.stop_accepting.clone(),
-                app.pairs.clone(),
-                app.kill_pairs.clone(),
-            ));
+            let open = Arc::new(AtomicUsize::new(listeners.len()));
+            for (listener, worker) in listeners.into_iter().zip(app.workers.handles()) {
+                worker.spawn(app.services.track_future(accept::accept_loop(
+                    listener,
+                    open.clone(),
+                    state.clone(),
+                    app.stop_accepting.clone(),
+                    app.pairs.clone(),
+                    app.kill_pairs.clone(),
+                )));
+            }
         }
         if let Some(listener) = admin_listener {
             let state = Arc::new(AdminState {

@@ -22,6 +22,10 @@ pub struct Cli {
     /// Log output format (the filter comes from KAPROXY_LOG, default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     pub log_format: LogFormat,
+    /// Worker threads that accept and relay; each route listens once per worker
+    /// (SO_REUSEPORT). 0 = one per CPU the process may use.
+    #[arg(long, env = "KAPROXY_WORKERS", default_value_t = 0, global = true)]
+    pub workers: usize,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

@@ -53,7 +53,7 @@ where
     let sock = SockRef::from(socket);
     sock.set_tcp_nodelay(true)?;
     if spec.enabled {
-        sock.set_keepalive(true)?;
+        // set_tcp_keepalive turns SO_KEEPALIVE on itself.
         let params = TcpKeepalive::new()
             .with_time(spec.idle)
             .with_interval(spec.interval)
@@ -213,12 +213,46 @@ pub fn bind_listener(
     addr: SocketAddr,
     client: Option<&KeepaliveSpec>,
 ) -> io::Result<std::net::TcpListener> {
+    listener(addr, client, false)
+}
+
+/// `copies` listening sockets on one address, one per worker, with SO_REUSEPORT:
+/// the kernel spreads new connections over them by a hash of the addresses.
+/// The first binds `addr` (port 0 picks a port); the others bind the port it got.
+/// Options as [`bind_listener`], set and read back on each.
+///
+/// Another process of the same user that also sets SO_REUSEPORT could bind the
+/// same port and take a share of the connections, as with HAProxy and nginx
+/// `reuseport`; any other holder of the port still makes this fail.
+pub fn bind_listeners(
+    addr: SocketAddr,
+    client: Option<&KeepaliveSpec>,
+    copies: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = listener(addr, client, true)?;
+    let bound = first.local_addr()?;
+    let mut all = Vec::with_capacity(copies.max(1));
+    all.push(first);
+    for _ in 1..copies {
+        all.push(listener(bound, client, true)?);
+    }
+    Ok(all)
+}
+
+fn listener(
+    addr: SocketAddr,
+    client: Option<&KeepaliveSpec>,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     if addr.is_ipv6() {
         // "[::]:port" means IPv6 only here, so "0.0.0.0:port" can be a separate route.
         socket.set_only_v6(true)?;
@@ -233,20 +267,35 @@ pub fn bind_listener(
 
 /// A non-blocking, close-on-exec socket for `addr` (one socket() call) with the
 /// upstream options already set, so that keepalive covers the connection from
-/// its SYN on.
-pub fn upstream_socket(
+/// its SYN on, and its connect(2) started. The caller waits for writability:
+/// Linux reports it once the handshake is done or has failed.
+pub fn start_upstream_connect(
     addr: SocketAddr,
     spec: &KeepaliveSpec,
-) -> io::Result<tokio::net::TcpSocket> {
+) -> io::Result<std::net::TcpStream> {
     // socket2 adds SOCK_CLOEXEC itself.
     let socket = Socket::new(
         Domain::for_address(addr),
         Type::STREAM.nonblocking(),
         Some(Protocol::TCP),
     )?;
-    set_side(&socket, spec)?;
-    let std_stream: std::net::TcpStream = socket.into();
-    Ok(tokio::net::TcpSocket::from_std_stream(std_stream))
+    set_side(&socket, spec)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot set up socket options: {e}")))?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
+/// Why a connect that became ready with an error or hang-up failed (SO_ERROR).
+pub fn connect_error(socket: &impl std::os::fd::AsFd) -> io::Error {
+    match SockRef::from(socket).take_error() {
+        Ok(Some(e)) => e,
+        Ok(None) => io::ErrorKind::ConnectionRefused.into(),
+        Err(e) => e,
+    }
 }
 
 /// What TCP_INFO and the keepalive options say about one socket right now.

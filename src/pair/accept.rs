@@ -2,6 +2,7 @@
 //! waits on per-connection work, so one slow client cannot stall accepts.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,9 +19,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 const ERROR_LOG_PERIOD: Duration = Duration::from_secs(5);
 
 /// Accepts until `stop` is cancelled; the listener is dropped on return so new
-/// connects are refused from then on.
+/// connects are refused from then on. A route has one listener per worker, and
+/// `open` counts the route's listeners still open: the last one to close says
+/// that the route stopped accepting.
 pub async fn accept_loop(
     listener: TcpListener,
+    open: Arc<AtomicUsize>,
     route: Arc<RouteState>,
     stop: CancellationToken,
     pairs: TaskTracker,
@@ -76,5 +80,7 @@ pub async fn accept_loop(
     }
     // Closed before the log line, so anyone who sees it can rely on refusals.
     drop(listener);
-    tracing::info!(route = %route.route.name, "stopped accepting");
+    if open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        tracing::info!(route = %route.route.name, "stopped accepting");
+    }
 }
