@@ -30,6 +30,9 @@ pub async fn accept_loop(
     pairs: TaskTracker,
     kill_pairs: CancellationToken,
 ) {
+    // Each pair waits on this token; a child per accept loop keeps those waits
+    // on this worker's own lock instead of one shared by every worker.
+    let kill_pairs = kill_pairs.child_token();
     let mut backoff = MIN_BACKOFF;
     let mut last_log: Option<Instant> = None;
     let mut suppressed = 0u64;

@@ -1,8 +1,9 @@
 //! One direction of a pair: read from one socket, write to the other, pass the
 //! end of stream on as a half-close.
 //!
-//! Buffers are allocated when a socket turns readable and dropped as soon as a
-//! read would block, so an idle direction holds no buffer and no pipe.
+//! Buffers are taken when a socket turns readable and given back (to the
+//! thread's few spares) as soon as a read would block, so an idle direction
+//! holds no buffer and no pipe.
 
 use std::cell::RefCell;
 use std::io;
