@@ -112,6 +112,7 @@ impl ForwardArgs {
                 listen: self.listen,
                 client: ClientSpec {
                     keepalive: self.client_keepalive,
+                    path_idle_limit: None,
                 },
                 upstream: UpstreamSpec {
                     servers: self
@@ -125,6 +126,7 @@ impl ForwardArgs {
                     ejection: DEFAULT_EJECTION,
                     connect_timeout: self.connect_timeout,
                     keepalive: self.upstream_keepalive,
+                    path_idle_limit: None,
                 },
                 idle_timeout: nonzero(self.idle_timeout),
                 half_close_timeout: nonzero(self.half_close_timeout),

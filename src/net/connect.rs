@@ -180,6 +180,7 @@ mod tests {
             ejection: DEFAULT_EJECTION,
             connect_timeout: Duration::from_secs(5),
             keepalive: KeepaliveSpec::default(),
+            path_idle_limit: None,
         }
     }
 
