@@ -76,21 +76,24 @@ impl Netns {
         })
     }
 
-    /// Writes a sysctl of this namespace.
+    /// Writes a sysctl of this namespace (through /proc/sys as seen from
+    /// inside it: the net.* entries are per namespace).
     fn sysctl(&self, key: &str, value: &str) {
+        let file = format!("/proc/sys/{}", key.replace('.', "/"));
         run(&[
             "ip",
             "netns",
             "exec",
             &self.name,
-            "sysctl",
-            "-qw",
-            &format!("{key}={value}"),
+            "sh",
+            "-c",
+            &format!("echo {value} > {file}"),
         ]);
     }
 
     fn read_sysctl(&self, key: &str) -> String {
-        run(&["ip", "netns", "exec", &self.name, "sysctl", "-n", key])
+        let file = format!("/proc/sys/{}", key.replace('.', "/"));
+        run(&["ip", "netns", "exec", &self.name, "cat", &file])
             .trim()
             .to_string()
     }
@@ -187,6 +190,15 @@ impl NatPath {
             .write_all(ruleset.as_bytes())
             .unwrap();
         assert!(nft.wait().unwrap().success(), "nft ruleset for the router");
+        let conntrack = Command::new("ip")
+            .args(["netns", "exec", r, "test", "-e"])
+            .arg("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            conntrack,
+            "the router namespace has no conntrack sysctls: the kernel lacks nf_conntrack (modprobe nf_conntrack)"
+        );
         path.router
             .sysctl("net.netfilter.nf_conntrack_tcp_loose", "0");
         if let Some(secs) = established_timeout {
