@@ -407,6 +407,33 @@ fn probe_of_a_server_that_closes_at_once_is_a_clear_error() {
 }
 
 #[test]
+fn probe_of_a_server_that_keeps_talking_is_a_clear_error() {
+    // A server with an application heartbeat: its connections never go idle.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline && s.write_all(b"x").is_ok() {
+                    thread::sleep(Duration::from_millis(300));
+                }
+            });
+        }
+    });
+    let out = probe_cmd(server, &["--max", "4s", "--resolution", "1s"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("before the probe was due, so its connections do not stay idle"),
+        "{err}"
+    );
+}
+
+#[test]
 fn probe_arguments_that_do_not_fit_are_usage_errors() {
     let out = probe_cmd(dead_port(), &["--max", "5s", "--resolution", "5s"])
         .output()

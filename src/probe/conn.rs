@@ -42,8 +42,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why a connection could not give a verdict.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    /// The server sent data shortly before the planned idle time was up, so
-    /// the flow was never idle that long.
+    /// The server sent data this long before the planned idle time was up,
+    /// less than [`MIN_IDLE`], so the flow was never idle long enough.
     #[error(
         "the server sent data {0:?} before the probe was due, so its connections do not stay idle"
     )]
@@ -95,7 +95,7 @@ pub async fn watch(
     let before = sockopt::peer_activity(&stream)?;
     let idle = before.idle();
     if idle < MIN_IDLE {
-        return Err(ConnError::ServerTalks(target.saturating_sub(idle)));
+        return Err(ConnError::ServerTalks(idle));
     }
     sockopt::arm_keepalive_probe(&stream, PROBE_INTERVAL, PROBE_COUNT)?;
     let armed = Instant::now();
