@@ -20,7 +20,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::nat::{NatPath, SERVER_IP};
-use common::netns::isolated;
+use common::netns::isolated_with_named_netns as isolated;
 use common::*;
 use serde_json::Value;
 

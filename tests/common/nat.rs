@@ -12,7 +12,8 @@
 //! invalid`, and dropped. Both sysctls are per network namespace.
 //!
 //! Addresses are from the documentation ranges (RFC 5737) and exist only in
-//! these namespaces. Call only from inside [`super::netns::isolated`] (root,
+//! these namespaces. Call only from inside
+//! [`super::netns::isolated_with_named_netns`] (root,
 //! tools present). The namespaces are deleted on drop, also when the test
 //! fails; namespaces left by a test process that was killed are swept by the
 //! next one.
