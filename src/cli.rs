@@ -104,9 +104,10 @@ pub struct ForwardArgs {
 /// `kaproxy probe` arguments.
 #[derive(Debug, clap::Args)]
 pub struct ProbeArgs {
-    /// The server to probe, HOST:PORT: any TCP service that leaves an idle
-    /// connection open (a web server's keep-alive port, a database, SSH, a kaproxy).
-    #[arg(value_parser = parse_server_arg)]
+    /// The server to probe: any TCP service that leaves an idle connection
+    /// open and sends no keepalives of its own (a web server's keep-alive port,
+    /// a database, a `kaproxy forward --client-keepalive off`).
+    #[arg(value_name = "HOST:PORT", value_parser = parse_server_arg)]
     pub server: config::ServerAddr,
     /// Longest idle time tested; every wait is bounded by it.
     #[arg(long, value_parser = parse_probe_max, default_value = "30m")]
