@@ -146,3 +146,94 @@ fn is_silence(e: &io::Error) -> bool {
             | io::ErrorKind::NetworkUnreachable
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn a_live_peer_answers_the_probe_at_the_planned_idle_time() {
+        let (c, _server) = pair().await;
+        let t0 = Instant::now();
+        let v = watch(c, t0, Duration::from_millis(1200)).await.unwrap();
+        let Verdict::Alive { idle } = v else {
+            panic!("{v:?}")
+        };
+        // The kernel's idle time: since the handshake, a moment before t0.
+        assert!(
+            idle >= Duration::from_millis(1150) && idle < Duration::from_millis(1400),
+            "{idle:?}"
+        );
+        // An answer on loopback comes at once, long before silence is concluded.
+        assert!(
+            t0.elapsed() < Duration::from_millis(1200) + PROBE_INTERVAL,
+            "{:?}",
+            t0.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fin_before_the_time_is_the_servers_own_timeout() {
+        let (c, server) = pair().await;
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            drop(server);
+        });
+        let v = watch(c, t0, Duration::from_secs(5)).await.unwrap();
+        let Verdict::ServerClosed { idle } = v else {
+            panic!("{v:?}")
+        };
+        assert!(
+            idle >= Duration::from_millis(300) && idle < Duration::from_secs(2),
+            "{idle:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_while_idle_is_a_drop() {
+        let (c, server) = pair().await;
+        let t0 = Instant::now();
+        sockopt::reset_on_close(&server).unwrap();
+        drop(server);
+        let v = watch(c, t0, Duration::from_secs(5)).await.unwrap();
+        assert!(
+            matches!(
+                v,
+                Verdict::Dropped {
+                    sign: DropSign::ResetWhileIdle,
+                    ..
+                }
+            ),
+            "{v:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_keeps_sending_cannot_be_probed() {
+        let (c, mut server) = pair().await;
+        let t0 = Instant::now();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                if server.write_all(b"heartbeat").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let e = watch(c, t0, Duration::from_secs(1)).await.unwrap_err();
+        assert!(
+            matches!(e, ConnError::ServerTalks(d) if d < MIN_IDLE),
+            "{e:?}"
+        );
+    }
+}
