@@ -13,6 +13,8 @@ command -v nft >/dev/null 2>&1 || need_pkgs+=(nftables)
 command -v ip >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v ss >/dev/null 2>&1 || need_pkgs+=(iproute2)
 command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
+# The probe's terminal test runs it under script(1) for a pseudo-terminal.
+command -v script >/dev/null 2>&1 || need_pkgs+=(bsdutils)
 # The end-to-end pool test runs two real Tomcat instances.
 [ -x /usr/share/tomcat10/bin/catalina.sh ] || need_pkgs+=(tomcat10)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -23,6 +25,15 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
     else
         echo "note: missing ${need_pkgs[*]}; the tests that need them will be skipped (or fail under CI=true)"
     fi
+fi
+
+# The NAT tests (tests/path_idle.rs) give a router namespace its own conntrack
+# timeout. Their nftables ct and masquerade rules load nf_conntrack and nf_nat
+# on demand; load them up front where modprobe is allowed, so a kernel without
+# them is reported here rather than by a failing test.
+if [ "$(id -u)" = 0 ] && command -v modprobe >/dev/null 2>&1; then
+    modprobe -q nf_conntrack 2>/dev/null || echo "note: modprobe nf_conntrack failed; nftables will try to load it"
+    modprobe -q nf_nat 2>/dev/null || true
 fi
 
 cargo fmt --all -- --check

@@ -54,6 +54,9 @@ pub enum Command {
         #[arg(long, value_parser = parse_listen_arg, default_value = DEFAULT_ADMIN_LISTEN)]
         admin: std::net::SocketAddr,
     },
+    /// Measure after how much idle time the network path to a TCP server drops a
+    /// connection, and print the keepalive to set (and the path_idle_limit line).
+    Probe(ProbeArgs),
     /// Exit 0 when the kaproxy running on this configuration is healthy (for container
     /// HEALTHCHECKs): its admin /healthz answers 200, or, with the admin endpoint off,
     /// every route accepts connections.
@@ -102,6 +105,73 @@ pub struct ForwardArgs {
     pub admin: AdminListen,
 }
 
+/// `kaproxy probe` arguments.
+#[derive(Debug, clap::Args)]
+pub struct ProbeArgs {
+    /// The server to probe: any TCP service that leaves an idle connection
+    /// open and sends no keepalives of its own (a web server's keep-alive port,
+    /// a database, a `kaproxy forward --client-keepalive off`).
+    #[arg(value_name = "HOST:PORT", value_parser = parse_server_arg)]
+    pub server: config::ServerAddr,
+    /// Longest idle time tested; every wait is bounded by it.
+    #[arg(long, value_parser = parse_probe_max, default_value = "30m")]
+    pub max: Duration,
+    /// Stop once the bound is this narrow.
+    #[arg(long, value_parser = parse_probe_resolution, default_value = "5s")]
+    pub resolution: Duration,
+    /// Connections open at once, each idle for a different time (1 to 256).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub connections: u16,
+    /// Print the result as JSON on stdout (progress on stderr only on a terminal).
+    #[arg(long)]
+    pub json: bool,
+}
+
+// Keep the clap range in step with the probe's own bound.
+const _: () = assert!(crate::probe::MAX_CONNECTIONS == 256);
+
+impl ProbeArgs {
+    /// The probe's settings, or why these arguments do not go together.
+    pub fn settings(&self) -> Result<crate::probe::plan::Settings, String> {
+        if self.resolution >= self.max {
+            return Err(format!(
+                "--resolution {} must be shorter than --max {}",
+                config::fmt_duration(self.resolution),
+                config::fmt_duration(self.max)
+            ));
+        }
+        Ok(crate::probe::plan::Settings {
+            max: self.max,
+            resolution: self.resolution,
+            connections: usize::from(self.connections),
+        })
+    }
+}
+
+/// Longest `--max`: a day, far beyond any middlebox default (the longest
+/// common one is 20 minutes) while a probe still ends on its own.
+const PROBE_MAX_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+fn parse_probe_max(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(2) || d > PROBE_MAX_LIMIT {
+        return Err(format!(
+            "{s:?} is out of range: --max takes 2s to 24h, e.g. \"30m\""
+        ));
+    }
+    Ok(d)
+}
+
+fn parse_probe_resolution(s: &str) -> Result<Duration, String> {
+    let d = parse_positive_duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!(
+            "{s:?} is finer than the probe can tell: --resolution takes 1s or more, e.g. \"5s\""
+        ));
+    }
+    Ok(d)
+}
+
 impl ForwardArgs {
     /// The single-route configuration these arguments describe.
     pub fn into_config(self) -> Config {
@@ -116,6 +186,7 @@ impl ForwardArgs {
                 listen: self.listen,
                 client: ClientSpec {
                     keepalive: self.client_keepalive,
+                    path_idle_limit: None,
                 },
                 upstream: UpstreamSpec {
                     servers: self
@@ -129,6 +200,7 @@ impl ForwardArgs {
                     ejection: DEFAULT_EJECTION,
                     connect_timeout: self.connect_timeout,
                     keepalive: self.upstream_keepalive,
+                    path_idle_limit: None,
                 },
                 idle_timeout: nonzero(self.idle_timeout),
                 half_close_timeout: nonzero(self.half_close_timeout),
@@ -229,6 +301,50 @@ mod tests {
         assert!(!r.upstream.keepalive.enabled);
         assert_eq!(r.upstream.servers.len(), 2);
         assert_eq!(r.upstream.servers[1].addr.to_string(), "[::1]:2");
+    }
+
+    #[test]
+    fn probe_arguments_are_bounded() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["kaproxy", "probe"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv)
+        };
+        let Command::Probe(p) = parse(&["db:5432"]).unwrap().command else {
+            panic!("not probe")
+        };
+        let st = p.settings().unwrap();
+        assert_eq!(
+            (st.max.as_secs(), st.resolution.as_secs(), st.connections),
+            (1800, 5, 16)
+        );
+        for (args, message) in [
+            (
+                &["db:5432", "--connections", "0"][..],
+                "0 is not in 1..=256",
+            ),
+            (
+                &["db:5432", "--connections", "257"],
+                "257 is not in 1..=256",
+            ),
+            (&["db:5432", "--max", "1s"], "--max takes 2s to 24h"),
+            (&["db:5432", "--max", "2d"], "--max takes 2s to 24h"),
+            (&["db:5432", "--resolution", "500ms"], "1s or more"),
+            (&["db"], "port"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(err.contains(message), "{args:?}: {err}");
+        }
+        let Command::Probe(p) = parse(&["db:5432", "--max", "10s", "--resolution", "10s"])
+            .unwrap()
+            .command
+        else {
+            panic!("not probe")
+        };
+        assert_eq!(
+            p.settings().unwrap_err(),
+            "--resolution 10s must be shorter than --max 10s"
+        );
     }
 
     #[test]

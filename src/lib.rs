@@ -9,6 +9,7 @@
 //! - [`pool`], [`balance`], [`health`]: a route's servers, how they are chosen, active checks.
 //! - [`pair`]: accept loops and one task per connection pair: relay with half-close, watchdog, close reasons.
 //! - [`admin`]: the hyper admin endpoint (renders metrics, lists pairs), `kaproxy status`.
+//! - [`probe`]: `kaproxy probe`, which measures the idle timeout of the path to a server.
 //! - [`workers`]: the worker threads, one single-threaded runtime each, where pairs live.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
 //! - [`cli`]: the command line, used by the binary.
@@ -24,5 +25,6 @@ pub mod health;
 pub mod net;
 pub mod pair;
 pub mod pool;
+pub mod probe;
 pub mod telemetry;
 pub mod workers;

@@ -67,6 +67,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Command::Probe(args) => return probe(&args),
         Command::Status { admin } => {
             return match kaproxy::admin::status::render(admin) {
                 Ok(text) => {
@@ -107,6 +108,43 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "kaproxy stopped");
             eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+/// `kaproxy probe`: no logging set up, the output is the report itself.
+fn probe(args: &kaproxy::cli::ProbeArgs) -> ExitCode {
+    use kaproxy::probe::report;
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let mut progress = report::StderrProgress::new(args.json);
+    match runtime.block_on(kaproxy::probe::run(&args.server, settings, &mut progress)) {
+        Ok(r) => {
+            if args.json {
+                println!("{}", report::json(&r));
+            } else {
+                print!("{}", report::human(&r));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::from(EXIT_RUNTIME)
         }
     }

@@ -360,6 +360,7 @@ mod tests {
             ejection,
             connect_timeout: Duration::from_secs(1),
             keepalive: KeepaliveSpec::default(),
+            path_idle_limit: None,
         };
         Pool::new("t", &spec, Arc::new(Metrics::new()))
     }

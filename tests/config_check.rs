@@ -225,6 +225,20 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "defaults.upstream.keepalive.stall_timeout",
         "\"soon\" is not a duration",
     ),
+    (
+        "path_idle_limit that is neither a duration nor a preset",
+        "[defaults.client]\npath_idle_limit = \"aws-alb\"\n",
+        2,
+        "defaults.client.path_idle_limit",
+        "\"aws-alb\" is neither a duration",
+    ),
+    (
+        "path_idle_limit too short for any keepalive",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\npath_idle_limit = \"2s\"\n",
+        6,
+        "route \"web\".upstream.path_idle_limit",
+        "2s is too short for any keepalive",
+    ),
 ];
 
 #[test]
@@ -340,6 +354,65 @@ fn run_refuses_a_bad_config_before_listening() {
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains(":2: defaults.client.keepalive.probes"));
+}
+
+#[test]
+fn keepalive_not_safely_below_path_idle_limit_fails_check_and_start() {
+    // The limit comes from [defaults], the keepalive from the route.
+    let text = format!(
+        "[defaults.client]\npath_idle_limit = \"azure-lb\"\n{ROUTE}[route.client]\nkeepalive = {{ idle = \"230s\", interval = \"10s\" }}\n"
+    );
+    let (code, stdout, stderr, path) = check_text(&text);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stdout.is_empty());
+    assert_eq!(
+        stderr,
+        format!(
+            "error: {path}:3: route \"web\".client.keepalive: keepalive idle 3m 50s + interval 10s = 4m is not safely below path_idle_limit 4m (azure-lb): it must be at most 3m 36s (90% of the limit), so that a flow whose first probe is lost is probed again before the path drops it\n  help: set client.keepalive.idle to at most 3m 26s with interval 10s, e.g. keepalive = {{ idle = \"206s\", interval = \"10s\", probes = 3 }}, or correct path_idle_limit if the path allows longer\n"
+        )
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("k.toml");
+    std::fs::write(&file, &text).unwrap();
+    let out = Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&file)
+        .env_remove("KAPROXY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("not safely below path_idle_limit 4m (azure-lb)"));
+
+    // Keepalive off with a known limit: every idle flow would be dropped.
+    let off =
+        format!("{ROUTE}path_idle_limit = \"gcp-cloud-nat\"\nkeepalive = {{ enabled = false }}\n");
+    let (code, _, stderr, _) = check_text(&off);
+    assert_eq!(code, 64);
+    assert!(
+        stderr.contains("route \"web\".upstream.keepalive: keepalive is off, so the path drops every flow idle for longer than path_idle_limit 20m (gcp-cloud-nat)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_prints_the_margin_below_each_path_idle_limit() {
+    let text = format!(
+        "{ROUTE}path_idle_limit = \"gcp-vpc\"\n[route.client]\npath_idle_limit = \"300s\"\nkeepalive = {{ idle = \"240s\", interval = \"10s\" }}\n"
+    );
+    let (code, stdout, stderr, _) = check_text(&text);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("  client   path limit = 5m: idle + interval = 4m 10s, margin 50s below the limit (at most 4m 30s allowed, 90%)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  upstream path limit = 10m (gcp-vpc): idle + interval = 1m 10s, margin 8m 50s below the limit (at most 9m allowed, 90%)"),
+        "{stdout}"
+    );
+    // No limit, no line.
+    let (_, stdout, _, _) = check_text(ROUTE);
+    assert!(!stdout.contains("path limit"), "{stdout}");
 }
 
 #[test]

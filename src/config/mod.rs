@@ -7,6 +7,7 @@
 mod env;
 mod error;
 mod keepalive;
+mod path_limit;
 mod pool;
 mod raw;
 mod resolve;
@@ -20,6 +21,10 @@ use std::time::Duration;
 pub use env::route_key;
 pub use error::{ConfigError, Location};
 pub use keepalive::parse_keepalive_shorthand;
+pub use path_limit::{
+    check_against_limit, parse_path_idle_limit, recommend, safe_budget, PathIdleLimit, PRESETS,
+    SAFE_PERCENT,
+};
 pub use pool::parse_server;
 pub use resolve::parse_listen;
 
@@ -82,6 +87,9 @@ pub struct Route {
 pub struct ClientSpec {
     /// Keepalive applied to every accepted socket.
     pub keepalive: KeepaliveSpec,
+    /// Idle timeout of the path between clients and kaproxy, when known;
+    /// the keepalive has been checked to stay safely below it.
+    pub path_idle_limit: Option<PathIdleLimit>,
 }
 
 /// Upstream side of a route.
@@ -101,6 +109,9 @@ pub struct UpstreamSpec {
     pub connect_timeout: Duration,
     /// Keepalive applied to every upstream socket before connect().
     pub keepalive: KeepaliveSpec,
+    /// Idle timeout of the path between kaproxy and the servers, when known;
+    /// the keepalive has been checked to stay safely below it.
+    pub path_idle_limit: Option<PathIdleLimit>,
 }
 
 /// One upstream server of a pool.
@@ -411,13 +422,28 @@ impl Config {
                 "  on_peer_failure    = {}",
                 route.on_peer_failure.as_str()
             );
-            for (side, ka) in [
-                ("client", &route.client.keepalive),
-                ("upstream", &route.upstream.keepalive),
+            for (side, ka, limit) in [
+                (
+                    "client",
+                    &route.client.keepalive,
+                    &route.client.path_idle_limit,
+                ),
+                (
+                    "upstream",
+                    &route.upstream.keepalive,
+                    &route.upstream.path_idle_limit,
+                ),
             ] {
                 let _ = writeln!(out, "  {side:<8} keepalive  = {}", describe_keepalive(ka));
                 let _ = writeln!(out, "  {side:<8} dead peer  = {}", describe_detection(ka));
                 let _ = writeln!(out, "  {side:<8} slow peer  = {}", describe_stall(ka));
+                if let Some(limit) = limit {
+                    let _ = writeln!(
+                        out,
+                        "  {side:<8} path limit = {}",
+                        describe_path_limit(ka, limit)
+                    );
+                }
             }
         }
         out
@@ -493,6 +519,17 @@ fn describe_detection(ka: &KeepaliveSpec) -> String {
         None => "peer with data in flight only by kernel retransmission limits (~15 min; user_timeout off)".to_string(),
     };
     format!("{idle}; {in_flight}")
+}
+
+fn describe_path_limit(ka: &KeepaliveSpec, limit: &PathIdleLimit) -> String {
+    // The config was validated against this limit, so keepalive is on and fits.
+    let used = ka.idle + ka.interval;
+    format!(
+        "{limit}: idle + interval = {}, margin {} below the limit (at most {} allowed, {SAFE_PERCENT}%)",
+        fmt_duration(used),
+        fmt_duration(limit.limit.saturating_sub(used)),
+        fmt_duration(safe_budget(limit.limit)),
+    )
 }
 
 fn describe_stall(ka: &KeepaliveSpec) -> String {

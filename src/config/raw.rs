@@ -56,6 +56,7 @@ pub struct RawRoute {
 #[serde(deny_unknown_fields)]
 pub struct RawClient {
     pub keepalive: Option<RawKeepalive>,
+    pub path_idle_limit: Option<SStr>,
 }
 
 /// `[defaults.upstream]`: servers are per route only.
@@ -63,6 +64,7 @@ pub struct RawClient {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstreamDefaults {
     pub connect_timeout: Option<SStr>,
+    pub path_idle_limit: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
     pub balance: Option<SStr>,
     pub retries: Option<Spanned<i64>>,
@@ -78,6 +80,7 @@ pub struct RawUpstream {
     /// kept as values so both forms keep their line numbers.
     pub servers: Option<Spanned<Vec<Spanned<toml::Value>>>>,
     pub connect_timeout: Option<SStr>,
+    pub path_idle_limit: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
     pub balance: Option<SStr>,
     pub retries: Option<Spanned<i64>>,
@@ -175,15 +178,15 @@ merge_struct!(RawRoute {
     tables: [client, upstream]
 });
 merge_struct!(RawClient {
-    values: [],
+    values: [path_idle_limit],
     tables: [keepalive]
 });
 merge_struct!(RawUpstreamDefaults {
-    values: [connect_timeout, balance, retries],
+    values: [connect_timeout, path_idle_limit, balance, retries],
     tables: [keepalive, health_check, passive_ejection]
 });
 merge_struct!(RawUpstream {
-    values: [servers, connect_timeout, balance, retries],
+    values: [servers, connect_timeout, path_idle_limit, balance, retries],
     tables: [keepalive, health_check, passive_ejection]
 });
 merge_struct!(RawKeepalive {

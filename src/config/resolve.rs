@@ -7,6 +7,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::keepalive::{check_auto_user_timeout, keepalive_layer, KeepaliveLayer};
+use super::path_limit::{check_against_limit, parse_path_idle_limit, PathIdleLimit};
 use super::pool::{finish_pool, pool_layer, server_entry, PoolLayer};
 use super::raw::{Merge, RawConfig, RawOverlay, SStr};
 use super::source::{off_or_duration, positive_duration, toml_error, Ctx};
@@ -24,6 +25,8 @@ struct RouteLayer {
     connect_timeout: Option<Duration>,
     client: KeepaliveLayer,
     upstream: KeepaliveLayer,
+    client_limit: Option<PathIdleLimit>,
+    upstream_limit: Option<PathIdleLimit>,
     pool: PoolLayer,
 }
 
@@ -133,6 +136,18 @@ pub(super) fn resolve(
                 d.upstream.as_ref().and_then(|u| u.keepalive.as_ref()),
                 "defaults.upstream.keepalive",
             )?,
+            client_limit: d
+                .client
+                .as_ref()
+                .and_then(|c| c.path_idle_limit.as_ref())
+                .map(|s| path_limit(&ctx, s, "defaults.client.path_idle_limit"))
+                .transpose()?,
+            upstream_limit: d
+                .upstream
+                .as_ref()
+                .and_then(|u| u.path_idle_limit.as_ref())
+                .map(|s| path_limit(&ctx, s, "defaults.upstream.path_idle_limit"))
+                .transpose()?,
             pool: match d.upstream.as_ref() {
                 Some(u) => pool_layer(
                     &ctx,
@@ -304,6 +319,16 @@ pub(super) fn resolve(
                 upstream_raw.and_then(|u| u.keepalive.as_ref()),
                 &at("upstream.keepalive"),
             )?,
+            client_limit: r
+                .client
+                .as_ref()
+                .and_then(|c| c.path_idle_limit.as_ref())
+                .map(|s| path_limit(&ctx, s, &at("client.path_idle_limit")))
+                .transpose()?,
+            upstream_limit: upstream_raw
+                .and_then(|u| u.path_idle_limit.as_ref())
+                .map(|s| path_limit(&ctx, s, &at("upstream.path_idle_limit")))
+                .transpose()?,
             pool: match upstream_raw {
                 Some(u) => pool_layer(
                     &ctx,
@@ -325,9 +350,11 @@ pub(super) fn resolve(
 
         let client_keepalive = layer.client.over(defaults.client).finish();
         let upstream_keepalive = layer.upstream.over(defaults.upstream).finish();
-        for (side, spec) in [
-            ("client", &client_keepalive),
-            ("upstream", &upstream_keepalive),
+        let client_limit = layer.client_limit.or(defaults.client_limit);
+        let upstream_limit = layer.upstream_limit.or(defaults.upstream_limit);
+        for (side, spec, limit) in [
+            ("client", &client_keepalive, &client_limit),
+            ("upstream", &upstream_keepalive, &upstream_limit),
         ] {
             if let Err((problem, hint)) = check_auto_user_timeout(spec) {
                 return ctx.err(
@@ -337,12 +364,21 @@ pub(super) fn resolve(
                     hint,
                 );
             }
+            // Checked on the finished spec: the limit and the keepalive may
+            // each come from the route or from [defaults].
+            if let Some(limit) = limit {
+                let table = format!("{side}.keepalive");
+                if let Err((problem, hint)) = check_against_limit(spec, limit, &table) {
+                    return ctx.err(route_span.clone(), &at(&table), problem, hint);
+                }
+            }
         }
         routes.push(Route {
             name,
             listen,
             client: ClientSpec {
                 keepalive: client_keepalive,
+                path_idle_limit: client_limit,
             },
             upstream: UpstreamSpec {
                 servers,
@@ -355,6 +391,7 @@ pub(super) fn resolve(
                     .or(defaults.connect_timeout)
                     .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
                 keepalive: upstream_keepalive,
+                path_idle_limit: upstream_limit,
             },
             idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
             half_close_timeout: layer
@@ -440,6 +477,11 @@ fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
     a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
 }
 
+fn path_limit(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<PathIdleLimit, ConfigError> {
+    parse_path_idle_limit(s.get_ref())
+        .or_else(|(problem, hint)| ctx.err(s.span(), field, problem, hint))
+}
+
 fn on_peer_failure(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<OnPeerFailure, ConfigError> {
     match s.get_ref().trim() {
         "reset" => Ok(OnPeerFailure::Reset),
@@ -499,6 +541,38 @@ mod tests {
         let ka = cfg.routes[0].client.keepalive;
         assert_eq!(ka.detection_bound(), Some(Duration::from_secs(90)));
         assert_eq!(ka.effective_user_timeout(), Some(Duration::from_secs(90)));
+    }
+
+    #[test]
+    fn path_idle_limit_inherits_and_bounds_keepalive() {
+        let text = format!(
+            "[defaults.client]\npath_idle_limit = \"azure-lb\"\n{ROUTE}path_idle_limit = \"100s\"\n"
+        );
+        let cfg = resolve("t", &text, &[]).unwrap();
+        let r = &cfg.routes[0];
+        assert_eq!(
+            r.client.path_idle_limit.unwrap().preset,
+            Some("azure-lb"),
+            "from defaults"
+        );
+        assert_eq!(
+            r.upstream.path_idle_limit.unwrap().limit,
+            Duration::from_secs(100)
+        );
+        // Built-in 60 s + 10 s fits 90 % of 240 s, not 90 % of 70 s.
+        let text = format!("{ROUTE}path_idle_limit = \"70s\"\n");
+        let err = resolve("t", &text, &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("t:1: route \"r\".upstream.keepalive: keepalive idle 1m + interval 10s = 1m 10s is not safely below path_idle_limit 1m 10s"),
+            "{err}"
+        );
+        assert!(
+            err.contains("help: set upstream.keepalive.idle to at most 53s with interval 10s"),
+            "{err}"
+        );
+        let text = format!("{ROUTE}path_idle_limit = \"nat\"\n");
+        let err = resolve("t", &text, &[]).unwrap_err();
+        assert_eq!(err.line(), Some(6), "{err}");
     }
 
     #[test]

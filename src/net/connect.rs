@@ -193,6 +193,7 @@ mod tests {
             ejection: DEFAULT_EJECTION,
             connect_timeout: Duration::from_secs(5),
             keepalive: KeepaliveSpec::default(),
+            path_idle_limit: None,
         }
     }
 

@@ -159,6 +159,63 @@ where
     })
 }
 
+/// When the peer of a socket was last heard from, per TCP_INFO: what
+/// `kaproxy probe` reads to tell an answered keepalive probe from silence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerActivity {
+    /// Time since the peer last sent an ACK of any kind (tcpi_last_ack_recv).
+    pub since_last_ack: Duration,
+    /// Time since the peer last sent data (tcpi_last_data_recv).
+    pub since_last_data: Duration,
+    /// Keepalive probes sent and not answered since the last ACK (tcpi_probes).
+    pub unanswered_probes: u8,
+}
+
+impl PeerActivity {
+    /// How long nothing has come from the peer: the flow's idle time as a
+    /// middlebox sees it, since our side only sends ACKs in answer.
+    pub fn idle(&self) -> Duration {
+        self.since_last_ack.min(self.since_last_data)
+    }
+}
+
+/// Reads [`PeerActivity`] from TCP_INFO.
+pub fn peer_activity<S>(socket: &S) -> io::Result<PeerActivity>
+where
+    S: std::os::fd::AsFd,
+{
+    use std::os::fd::AsRawFd;
+    let (info, _) = raw::tcp_info(socket.as_fd().as_raw_fd())?;
+    Ok(PeerActivity {
+        since_last_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
+        since_last_data: Duration::from_millis(u64::from(info.tcpi_last_data_recv)),
+        unanswered_probes: info.tcpi_probes,
+    })
+}
+
+/// Sends a keepalive probe now on a connected socket that has been idle for at
+/// least a second, and lets the kernel repeat it `count - 1` times `interval`
+/// apart while it goes unanswered; after `count` unanswered probes the socket
+/// fails with ETIMEDOUT. No application data is sent.
+///
+/// The order matters. TCP_KEEPINTVL and TCP_KEEPCNT go first, while the timer
+/// set by SO_KEEPALIVE is still the long default idle away: a probe sent before
+/// they are in place would schedule its repeat on the old interval. Then
+/// TCP_KEEPIDLE = 1 s on a socket idle for longer re-arms the timer to fire
+/// at once (tcp(7); `tcp_sock_set_keepidle_locked` in the kernel).
+pub fn arm_keepalive_probe<S>(socket: &S, interval: Duration, count: u32) -> io::Result<()>
+where
+    S: std::os::fd::AsFd,
+{
+    let sock = SockRef::from(socket);
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_interval(interval)
+            .with_retries(count),
+    )?;
+    sock.set_tcp_keepalive(&TcpKeepalive::new().with_time(Duration::from_secs(1)))
+}
+
 /// Makes the next close() send RST (SO_LINGER 0), so the peer sees a broken
 /// connection instead of a clean end of stream it might take for a full response.
 pub fn reset_on_close<S>(socket: &S) -> io::Result<()>

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod nat;
 pub mod netns;
 
 /// Path of the binary under test.

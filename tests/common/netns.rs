@@ -59,6 +59,25 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
     isolated_with_files(name, &[], body)
 }
 
+/// As [`isolated`], for a test that also makes named namespaces of its own
+/// (`ip netns add`, see `nat`), which takes mounts under /run/netns.
+pub fn isolated_with_named_netns(name: &str, body: impl FnOnce()) {
+    if std::env::var_os(CHILD_ENV).is_none() && why_not_possible(false).is_none() {
+        let trial = format!("kaproxy-t-{}-trial", std::process::id());
+        let ok = sh_ok("ip", &["netns", "add", &trial]);
+        let _ = sh_ok("ip", &["netns", "del", &trial]);
+        if !ok {
+            let why = "ip netns add is not permitted here (it mounts under /run/netns)";
+            if under_ci() {
+                panic!("{name} must run in CI but cannot: {why}");
+            }
+            eprintln!("SKIPPED {name}: {why}");
+            return;
+        }
+    }
+    isolated(name, body)
+}
+
 /// As [`isolated`], and in a private mount namespace where each `(path, text)`
 /// is bind-mounted over `path` (`/etc/hosts`, `/etc/resolv.conf`): a test can
 /// give a name several addresses, or point the resolver somewhere, while the
