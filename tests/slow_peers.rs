@@ -252,7 +252,12 @@ fn half_close_timeout_never_cuts_a_finished_reply_still_queued_for_a_slow_client
     let mut c = connect(proxy.addr("hc-fin"));
     c.write_all(b"GET").unwrap();
     read_with_a_pause(&mut c, 64 * 1024, Duration::from_secs(3), total);
-    upstream.join().unwrap().expect("upstream sent its reply");
+    if let Err(e) = upstream.join().unwrap() {
+        panic!(
+            "the upstream could not send its reply: {e}; kaproxy logged {:?}",
+            proxy.events()
+        );
+    }
     c.shutdown(Shutdown::Write).unwrap();
     let closes = proxy.wait_closes(1, Duration::from_secs(5));
     assert_eq!(reason(&closes[0]), "completed", "{}", closes[0]);

@@ -281,10 +281,10 @@ fn least_connections_counts_connects_in_flight() {
         1,
         "only one client waits out the slow server's connect: {delays:?}"
     );
-    let failures = proxy
-        .events()
-        .into_iter()
-        .filter(|e| message(e) == "upstream connect failed")
-        .count();
+    // Log lines reach stdout through kaproxy's writer thread: wait for the one
+    // expected, then make sure it is the only one.
+    let failed = |e: &serde_json::Value| message(e) == "upstream connect failed";
+    proxy.wait_events(failed, 1, Duration::from_secs(5));
+    let failures = proxy.events().into_iter().filter(failed).count();
     assert_eq!(failures, 1, "one connect to the slow server timed out");
 }
