@@ -167,3 +167,89 @@ fn environment_points_a_route_at_its_servers() {
     let mut c = connect(proxy.addr("app-http"));
     assert_eq!(round_trip(&mut c, b"via env").unwrap(), b"via env");
 }
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a
+/// connect to it hangs until kaproxy's connect_timeout, and meanwhile what the
+/// client sends queues up unread in kaproxy's client socket.
+fn full_backlog_server() -> (
+    socket2::Socket,
+    Vec<std::net::TcpStream>,
+    std::net::SocketAddr,
+) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let mut queued = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => queued.push(s),
+            Err(_) => return (socket, queued, addr),
+        }
+    }
+    panic!("the accept queue of {addr} never filled");
+}
+
+fn send_urgent(s: &std::net::TcpStream, byte: u8) {
+    socket2::SockRef::from(s)
+        .send_out_of_band(&[byte])
+        .expect("send MSG_OOB");
+}
+
+/// Reads until `want` bytes, EOF, an error or `within`.
+fn read_up_to(s: &mut std::net::TcpStream, want: usize, within: Duration) -> Vec<u8> {
+    let deadline = std::time::Instant::now() + within;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < want {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    got
+}
+
+#[test]
+fn an_urgent_byte_is_relayed_in_place_with_the_data_behind_it() {
+    // A read stops short at the urgent mark with data still queued behind it,
+    // so a short read must not be taken for an empty queue; and the urgent
+    // byte itself is part of the stream (SO_OOBINLINE, RFC 6093), not dropped.
+    let (_full, _queued, slow) = full_backlog_server();
+    let (listener, fast) = upstream_listener();
+    let proxy = Proxy::start(&format!(
+        "[[route]]\nname = \"urg\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{slow}\", \"{fast}\"]\nbalance = \"first\"\nconnect_timeout = \"500ms\"\n"
+    ));
+    let mut c = connect(proxy.addr("urg"));
+    c.set_nodelay(true).unwrap();
+    // All of it waits in kaproxy's client socket while the first server's connect times out.
+    c.write_all(b"abc").unwrap();
+    send_urgent(&c, b'X');
+    c.write_all(b"def").unwrap();
+    let mut u = accept(&listener);
+    let got = read_up_to(&mut u, 7, Duration::from_secs(5));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "abcXdef",
+        "client to upstream"
+    );
+
+    // And the other way, from an upstream that sends urgent data.
+    u.set_nodelay(true).unwrap();
+    u.write_all(b"123").unwrap();
+    send_urgent(&u, b'Y');
+    u.write_all(b"456").unwrap();
+    let got = read_up_to(&mut c, 7, Duration::from_secs(5));
+    assert_eq!(
+        String::from_utf8_lossy(&got),
+        "123Y456",
+        "upstream to client"
+    );
+}

@@ -92,3 +92,54 @@ fn workers_must_be_a_number() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--workers"), "{err}");
 }
+
+#[test]
+fn a_second_kaproxy_on_a_port_in_use_fails_to_start_instead_of_sharing_it() {
+    let up = echo_server();
+    let first = Proxy::start_with_env(&one_route("held", &[up], ""), &[("KAPROXY_WORKERS", "2")]);
+    let addr = first.addr("held");
+    // The same port, with SO_REUSEPORT on every listener of both processes,
+    // would be shared silently; it must be refused as before workers existed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("second.toml");
+    let config = one_route("held", &[up], "")
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+    assert!(config.contains(&addr.to_string()), "{config}");
+    std::fs::write(
+        &path,
+        format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n"),
+    )
+    .unwrap();
+    let mut second = std::process::Command::new(bin())
+        .args(["run", "-c"])
+        .arg(&path)
+        .env("KAPROXY_WORKERS", "2")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the second kaproxy");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("the second kaproxy started and shares the port");
+        }
+        thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert_eq!(
+        listening_sockets(addr.port()),
+        2,
+        "the first keeps its listeners"
+    );
+}

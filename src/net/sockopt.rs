@@ -286,6 +286,9 @@ pub fn bind_listeners(
     client: Option<&KeepaliveSpec>,
     copies: usize,
 ) -> io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        ensure_not_listened_on(addr)?;
+    }
     let first = listener(addr, client, true)?;
     let bound = first.local_addr()?;
     let mut all = Vec::with_capacity(copies.max(1));
@@ -294,6 +297,20 @@ pub fn bind_listeners(
         all.push(listener(bound, client, true)?);
     }
     Ok(all)
+}
+
+/// Fails with EADDRINUSE when a socket already listens on `addr`. Binding with
+/// SO_REUSEPORT alone would succeed next to another listener that also set it
+/// (a second kaproxy started by mistake, say) and silently split the
+/// connections between the two processes. A plain bind (SO_REUSEADDR, so
+/// TIME_WAIT leftovers of a restart do not count) conflicts with any listener.
+fn ensure_not_listened_on(addr: SocketAddr) -> io::Result<()> {
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        probe.set_only_v6(true)?;
+    }
+    probe.bind(&addr.into())
 }
 
 fn listener(
@@ -310,6 +327,8 @@ fn listener(
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    // Accepted sockets inherit it: see `start_upstream_connect`.
+    socket.set_out_of_band_inline(true)?;
     if addr.is_ipv6() {
         // "[::]:port" means IPv6 only here, so "0.0.0.0:port" can be a separate route.
         socket.set_only_v6(true)?;
@@ -326,6 +345,10 @@ fn listener(
 /// upstream options already set, so that keepalive covers the connection from
 /// its SYN on, and its connect(2) started. The caller waits for writability:
 /// Linux reports it once the handshake is done or has failed.
+///
+/// SO_OOBINLINE here and on the listeners: an urgent byte (MSG_OOB) is then
+/// read in its place in the stream and relayed like any other, as RFC 6093
+/// advises, instead of being left out of the relayed bytes.
 pub fn start_upstream_connect(
     addr: SocketAddr,
     spec: &KeepaliveSpec,
@@ -337,6 +360,7 @@ pub fn start_upstream_connect(
         Some(Protocol::TCP),
     )?;
     set_side(&socket, spec)
+        .and_then(|()| socket.set_out_of_band_inline(true))
         .map_err(|e| io::Error::new(e.kind(), format!("cannot set up socket options: {e}")))?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}

@@ -105,27 +105,6 @@ fn transient(e: &io::Error) -> bool {
     )
 }
 
-/// Reads into `buf`'s spare capacity. A read that returns less than it was
-/// offered has emptied the receive queue, and epoll is edge-triggered, so the
-/// socket's readiness is cleared then, as tokio's own `poll_read` does: the next
-/// read waits for new data instead of costing a read that fails with EAGAIN.
-/// `try_io` clears only if no new readiness event arrived since the read began.
-fn read_noting_drain(from: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
-    let offered = buf.capacity() - buf.len();
-    let mut short = None;
-    let r = from.try_io(Interest::READABLE, || match from.try_read_buf(buf)? {
-        n if n > 0 && n < offered => {
-            short = Some(n);
-            Err(io::ErrorKind::WouldBlock.into())
-        }
-        n => Ok(n),
-    });
-    match short {
-        Some(n) => Ok(n),
-        None => r,
-    }
-}
-
 /// Half-closes towards `to`. The FIN is data the peer must acknowledge, and
 /// keepalive does not run until it does, so the watchdog covers it like a write.
 ///
@@ -258,7 +237,9 @@ impl Direction {
             let buf = &mut buf.0;
             buf.clear();
             *written = 0;
-            match read_noting_drain(from, buf) {
+            // A short read does not prove the queue empty: a read also stops at the
+            // urgent mark with data behind it, so only WouldBlock ends a burst.
+            match from.try_read_buf(buf) {
                 Ok(0) => return Poll::Ready(pass_on_eof(to, to_side, wrote_to, last)),
                 Ok(n) => {
                     self.bulk = n == buf.capacity();
