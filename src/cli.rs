@@ -24,7 +24,7 @@ pub struct Cli {
     pub log_format: LogFormat,
     /// Worker threads that accept and relay; each route listens once per worker
     /// (SO_REUSEPORT). 0 = one per CPU the process may use.
-    #[arg(long, env = "KAPROXY_WORKERS", default_value_t = 0, global = true)]
+    #[arg(long, env = "KAPROXY_WORKERS", default_value_t = 0, global = true, value_parser = parse_workers)]
     pub workers: usize,
     /// What to do.
     #[command(subcommand)]
@@ -363,4 +363,21 @@ mod tests {
             "{err}"
         );
     }
+}
+
+/// Most worker threads accepted: each costs a thread, an epoll and an eventfd
+/// descriptor, a listener per route and about a megabyte, so a mistyped count
+/// would start threads until descriptors or memory run out.
+pub const MAX_WORKERS: usize = 1024;
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of worker threads (0 = one per CPU)"))?;
+    if n > MAX_WORKERS {
+        return Err(format!(
+            "{n} worker threads is more than the {MAX_WORKERS} allowed; one per CPU (0, the default) is what a proxy needs"
+        ));
+    }
+    Ok(n)
 }

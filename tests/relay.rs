@@ -253,3 +253,36 @@ fn an_urgent_byte_is_relayed_in_place_with_the_data_behind_it() {
         "upstream to client"
     );
 }
+
+#[test]
+fn an_urgent_byte_in_the_middle_of_a_bulk_transfer_does_not_stall_it() {
+    // Bulk bursts are spliced, and splice(2) stops at the urgent mark with
+    // EAGAIN although data is queued behind it: the relay must read past it.
+    let (_full, _queued, slow) = full_backlog_server();
+    let (listener, fast) = upstream_listener();
+    let proxy = Proxy::start(&format!(
+        "[[route]]\nname = \"urg-bulk\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"{slow}\", \"{fast}\"]\nbalance = \"first\"\nconnect_timeout = \"500ms\"\n"
+    ));
+    let c = connect(proxy.addr("urg-bulk"));
+    c.set_nodelay(true).unwrap();
+    // Small enough to be queued whole in kaproxy's socket during the slow
+    // connect, tail included, so no later segment can wake the relay: a first
+    // full 64 KiB read turns on splice, which then stops at the mark.
+    let before: Vec<u8> = (0..100_000).map(|i| (i % 251) as u8).collect();
+    let mut expected = before.clone();
+    expected.push(b'U');
+    expected.extend_from_slice(b"after the mark");
+    let sender = {
+        let mut c = c.try_clone().unwrap();
+        thread::spawn(move || {
+            c.write_all(&before).unwrap();
+            send_urgent(&c, b'U');
+            c.write_all(b"after the mark").unwrap();
+        })
+    };
+    let mut u = accept(&listener);
+    let got = read_up_to(&mut u, expected.len(), Duration::from_secs(10));
+    sender.join().unwrap();
+    assert_eq!(got.len(), expected.len(), "bytes relayed before the stall");
+    assert!(got == expected, "bytes intact and in order");
+}

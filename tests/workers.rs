@@ -143,3 +143,15 @@ fn a_second_kaproxy_on_a_port_in_use_fails_to_start_instead_of_sharing_it() {
         "the first keeps its listeners"
     );
 }
+
+#[test]
+fn an_absurd_worker_count_is_a_usage_error_not_a_thread_storm() {
+    let out = std::process::Command::new(bin())
+        .args(["check", "-c", "/nonexistent"])
+        .env("KAPROXY_WORKERS", "10000")
+        .output()
+        .expect("run kaproxy");
+    assert_eq!(out.status.code(), Some(64), "a usage error (EX_USAGE)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--workers") && err.contains("1024"), "{err}");
+}

@@ -250,6 +250,20 @@ where
     }
 }
 
+/// Whether bytes wait in the socket's receive queue (a one-byte MSG_PEEK).
+/// splice(2) stops at the urgent mark and answers EAGAIN with data still
+/// queued behind it; a read moves past the mark, splice never does.
+pub fn has_unread<S>(socket: &S) -> bool
+where
+    S: std::os::fd::AsFd,
+{
+    let mut one = [std::mem::MaybeUninit::<u8>::uninit()];
+    matches!(
+        SockRef::from(socket).recv_with_flags(&mut one, libc::MSG_DONTWAIT | libc::MSG_PEEK),
+        Ok(1)
+    )
+}
+
 /// Sends FIN on the write half while the read half stays open (half-close).
 pub fn shutdown_write<S>(socket: &S) -> io::Result<()>
 where

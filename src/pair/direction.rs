@@ -185,7 +185,26 @@ impl Direction {
                     continue;
                 }
                 Some(Pending::Pipe(pipe)) => {
-                    match from.try_io(Interest::READABLE, || pipe.fill_from(from)) {
+                    // Some(..) when splice would block though data is queued:
+                    // it stops at an urgent mark, which only a read gets past.
+                    let mut stuck_at_mark = false;
+                    let filled = from.try_io(Interest::READABLE, || match pipe.fill_from(from) {
+                        Err(e)
+                            if e.kind() == io::ErrorKind::WouldBlock
+                                && sockopt::has_unread(from) =>
+                        {
+                            stuck_at_mark = true;
+                            Ok(1)
+                        }
+                        r => r,
+                    });
+                    if stuck_at_mark {
+                        // Readiness stays set: the copy path reads at once.
+                        self.pending = None;
+                        self.bulk = false;
+                        continue;
+                    }
+                    match filled {
                         Ok(0) => {
                             // A finished direction is not polled again: give the pipe back now.
                             self.pending = None;
