@@ -269,6 +269,23 @@ fn parse_on_peer_failure(s: &str) -> Result<OnPeerFailure, String> {
     }
 }
 
+/// Most worker threads accepted: each costs a thread, an epoll and an eventfd
+/// descriptor, a listener per route and about a megabyte, so a mistyped count
+/// would start threads until descriptors or memory run out.
+pub const MAX_WORKERS: usize = 1024;
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of worker threads (0 = one per CPU)"))?;
+    if n > MAX_WORKERS {
+        return Err(format!(
+            "{n} worker threads is more than the {MAX_WORKERS} allowed; one per CPU (0, the default) is what a proxy needs"
+        ));
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,21 +380,4 @@ mod tests {
             "{err}"
         );
     }
-}
-
-/// Most worker threads accepted: each costs a thread, an epoll and an eventfd
-/// descriptor, a listener per route and about a megabyte, so a mistyped count
-/// would start threads until descriptors or memory run out.
-pub const MAX_WORKERS: usize = 1024;
-
-fn parse_workers(s: &str) -> Result<usize, String> {
-    let n: usize = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a number of worker threads (0 = one per CPU)"))?;
-    if n > MAX_WORKERS {
-        return Err(format!(
-            "{n} worker threads is more than the {MAX_WORKERS} allowed; one per CPU (0, the default) is what a proxy needs"
-        ));
-    }
-    Ok(n)
 }
