@@ -80,7 +80,7 @@ impl App {
             let mut copies = Vec::with_capacity(std_listeners.len());
             for (std_listener, worker) in std_listeners.into_iter().zip(workers.handles()) {
                 let _on_worker = worker.enter();
-                copies.push(TcpListener::from_std(std_listener).map_err(fail(listening()))?);
+                copies.push(sockopt::watch_listener(std_listener).map_err(fail(listening()))?);
             }
             sockopt::verify_upstream_options(&route.upstream.keepalive)
                 .map_err(fail("cannot set the upstream socket options".to_string()))?;
@@ -129,7 +129,9 @@ impl App {
             let health_check = route.upstream.health_check.clone();
             let route_metrics = pair::route_metrics(&metrics, &route.name);
             let limits = pair::relay::RelayLimits::of(&route);
+            let max_connections = pair::route_limit(&route, &route_metrics);
             let state = Arc::new(RouteState {
+                max_connections,
                 pool: Arc::new(Pool::new(&route.name, &route.upstream, metrics.clone())),
                 name: Arc::from(route.name.as_str()),
                 route,

@@ -3,6 +3,8 @@
 pub mod accept;
 pub mod close;
 mod direction;
+pub mod limit;
+mod proxy_header;
 pub mod registry;
 pub mod relay;
 pub mod watchdog;
@@ -45,6 +47,19 @@ pub struct RouteState {
     pub metrics: RouteMetrics,
     /// Timers and watchdog settings every pair of the route shares.
     pub limits: RelayLimits,
+    /// The route's `max_connections` slots; `None` when unlimited.
+    pub max_connections: Option<Arc<limit::Limit>>,
+}
+
+/// The slots of a route with `max_connections`, recording into its metrics.
+pub fn route_limit(route: &Route, metrics: &RouteMetrics) -> Option<Arc<limit::Limit>> {
+    route.max_connections.map(|max| {
+        Arc::new(limit::Limit::new(
+            max,
+            metrics.at_limit.clone(),
+            metrics.limit_reached.clone(),
+        ))
+    })
 }
 
 /// The metric series of route `name`, with every close reason and both sides.
@@ -63,24 +78,76 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 /// for the pair's whole life: a live span costs its formatted fields in the
 /// subscriber, which would be most of an idle pair's memory. It is entered
 /// while connecting, and made again for the close event, with the same fields.
+///
+/// `slot`: the pair's share of the route's `max_connections`, held (and so
+/// dropped) with the task.
 pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
     client_addr: SocketAddr,
     cancel: CancellationToken,
+    slot: Option<limit::Slot>,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
-    let who = PairId { id, client_addr };
+    let mut who = PairId {
+        id,
+        client_addr,
+        via: None,
+    };
     // An async block rather than an async fn: an async fn moves its arguments
     // into locals and keeps both copies in the task, which would cost every
     // pair a second copy of its client socket and addresses.
     async move {
+        let _slot = slot;
         route.metrics.pair_opened();
         // Declared before the registration so that it is dropped after it: a
         // socket is never closed while the registry still lists it.
         let upstream: TcpStream;
         let registration = route.registry.register(who.id, route.name.clone(), &client);
         let stats = registration.stats();
+
+        // The PROXY header comes first on the socket, before anything else
+        // (TLS included) looks at it. Boxed: its state lives only until then.
+        // The address the client connected to: the header's, else our own.
+        let mut destination = None;
+        if let Some(timeout) = route.route.client.proxy_protocol {
+            let received = Box::pin(async {
+                tokio::select! {
+                    r = proxy_header::receive(&client, timeout) => Some(r),
+                    _ = cancel.cancelled() => None,
+                }
+            })
+            .await;
+            let failed = match received {
+                Some(Ok(header)) => {
+                    // LOCAL, UNKNOWN and address-less families: the real peer applies.
+                    if let Some((source, dest)) = header.addresses {
+                        who.via = Some(who.client_addr);
+                        who.client_addr = source;
+                        destination = Some(dest);
+                        registration.set_proxied_client(source);
+                    }
+                    None
+                }
+                Some(Err(e)) => Some((CloseReason::ClientProtocolError, Some(e.to_string()))),
+                None => Some((CloseReason::Shutdown, None)),
+            };
+            if let Some((reason, detail)) = failed {
+                let close = Close {
+                    route: &route,
+                    stats: &stats,
+                    who: &who,
+                };
+                close.finish(
+                    registration,
+                    &client,
+                    None,
+                    &RelayEnd::plain(reason),
+                    detail,
+                );
+                return;
+            }
+        }
         let close = Close {
             route: &route,
             stats: &stats,
@@ -96,18 +163,43 @@ pub fn run(
         // whole life. The block keeps the connect result itself out of the
         // task's state during the relay.
         let (up_addr, _active) = {
+            let send_proxy = route.route.upstream.send_proxy;
             let connected = Box::pin(async {
-                tokio::select! {
-                    c = connect::connect(&route.route.upstream, &route.pool) => Some(c),
-                    _ = cancel.cancelled() => None,
-                }
+                let c = tokio::select! {
+                    c = connect::connect(&route.route.upstream, &route.pool) => c,
+                    _ = cancel.cancelled() => return None,
+                };
+                // The PROXY header goes before any relayed byte (and before
+                // a TLS handshake): the original client, and the address it
+                // connected to (the received header's, else kaproxy's own).
+                let Ok(c) = c else {
+                    return Some(c.map(|c| (c, None)));
+                };
+                let dest = destination.or_else(|| client.local_addr().ok());
+                let header =
+                    dest.and_then(|d| proxy_header::encode(send_proxy, who.client_addr, d));
+                let sent = match header {
+                    Some(h) => proxy_header::send(&c.stream, &h)
+                        .await
+                        .err()
+                        .map(|e| close::blame(Side::Upstream, &c.stream, e)),
+                    None => None,
+                };
+                Some(Ok((c, sent)))
             })
             .await;
             match connected {
-                Some(Ok(c)) => {
+                Some(Ok((c, failed_send))) => {
                     log_failed_attempts(&who, &route.name, &c.failed);
                     registration.set_upstream(&c.stream);
                     upstream = c.stream;
+                    if let Some(e) = failed_send {
+                        let detail = format!("sending the PROXY header: {e}");
+                        let end = RelayEnd::from_error(e);
+                        let up = Some((&upstream, c.addr));
+                        close.finish(registration, &client, up, &end, Some(detail));
+                        return;
+                    }
                     (c.addr, c.active)
                 }
                 Some(Err(e)) => {
@@ -150,7 +242,10 @@ fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttem
 #[derive(Debug)]
 struct PairId {
     id: u64,
+    /// The original client: a received PROXY header's source, else the peer.
     client_addr: SocketAddr,
+    /// The directly connected peer, when a PROXY header named another client.
+    via: Option<SocketAddr>,
 }
 
 impl PairId {
@@ -160,8 +255,12 @@ impl PairId {
             route,
             pair.id = self.id,
             client.addr = %self.client_addr,
+            via = field::Empty,
             upstream.addr = field::Empty,
         );
+        if let Some(via) = self.via {
+            span.record("via", field::display(via));
+        }
         if let Some(addr) = upstream_addr {
             span.record("upstream.addr", field::display(addr));
         }
@@ -240,7 +339,7 @@ impl Close<'_> {
         self.route
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
-        let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
+        let error = detail.or_else(|| end.error.as_ref().map(|e| e.to_string()));
         let _span = self.who.span(&self.route.name, upstream_addr).entered();
         tracing::info!(
             reason = end.reason.as_str(),
