@@ -33,6 +33,39 @@ pub struct StartError {
     pub source: std::io::Error,
 }
 
+/// Raises the soft descriptor limit to what the routes need and warns when
+/// the hard limit is short; a failure here is only logged, since the limit
+/// in force may well be enough.
+fn check_descriptors(config: &Config, workers: usize) {
+    let budget = match crate::fdlimit::budget(config, workers) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the descriptor limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    match crate::fdlimit::raise(&budget) {
+        Ok(now) if now > budget.soft => {
+            tracing::info!(
+                from = budget.soft,
+                to = now,
+                "raised the descriptor limit (RLIMIT_NOFILE)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, to = budget.target(), "cannot raise the descriptor limit (RLIMIT_NOFILE)")
+        }
+    }
+    if let Some(warning) = budget.warning() {
+        tracing::warn!(
+            needed = budget.needed,
+            hard_limit = budget.hard,
+            "{warning}"
+        );
+    }
+}
+
 /// The running proxy.
 #[derive(Debug)]
 pub struct App {
@@ -57,6 +90,7 @@ impl App {
             what: "cannot start the worker threads".to_string(),
             source,
         })?;
+        check_descriptors(&config, workers.handles().len());
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let fail = |what: String| {

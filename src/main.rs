@@ -32,6 +32,18 @@ fn main() -> ExitCode {
             return match Config::load(&config) {
                 Ok(cfg) => {
                     print!("{}", cfg.describe());
+                    let workers = kaproxy::workers::resolve_count(cli.workers);
+                    match kaproxy::fdlimit::budget(&cfg, workers) {
+                        Ok(budget) => {
+                            println!("\n{}", budget.describe());
+                            if let Some(warning) = budget.warning() {
+                                println!("warning: {warning}");
+                            }
+                        }
+                        Err(e) => println!(
+                            "\nwarning: cannot read the descriptor limit (RLIMIT_NOFILE): {e}"
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
