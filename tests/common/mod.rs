@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod netns;
+pub mod peers;
 
 /// Path of the binary under test.
 pub fn bin() -> PathBuf {
@@ -140,6 +141,11 @@ impl Proxy {
             .find(|v| message(v) == "admin listening")
             .and_then(|v| v["address"].as_str()?.parse().ok());
         proxy
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// The admin endpoint's bound address.
