@@ -182,6 +182,7 @@ impl App {
                         index,
                         check.clone(),
                         state.route.upstream.keepalive,
+                        state.route.upstream.send_proxy,
                         app.stop_accepting.clone(),
                     ));
                 }

@@ -526,3 +526,38 @@ fn two_kaproxy_hops_between_haproxy_and_nginx_keep_the_client() {
         assert_ne!(span_field(ev, "via"), "", "{ev}");
     }
 }
+
+#[test]
+fn health_checks_send_a_header_without_a_client_to_a_proxy_protocol_server() {
+    if !have("haproxy", "/usr/sbin/haproxy") {
+        return;
+    }
+    // HAProxy with accept-proxy refuses a connection without a header, so an
+    // HTTP check passes only if kaproxy sends LOCAL (v2) or UNKNOWN (v1) first.
+    let hap_addr = free_port();
+    let _hap = haproxy(
+        &format!("frontend fe\n  bind {hap_addr} accept-proxy\n{HAPROXY_ECHO_SRC}"),
+        &[hap_addr],
+    );
+    for send in ["v1", "v2", "off"] {
+        let cfg = format!(
+            "{}send_proxy = \"{send}\"\nhealth_check = {{ http = \"/\", interval = \"200ms\", timeout = \"1s\", rise = 1, fall = 1 }}\n",
+            one_route("hc", &[hap_addr], "")
+        );
+        let proxy = Proxy::start(&cfg);
+        let want = if send == "off" { "down" } else { "up" };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = admin_get(proxy.admin(), "/upstreams");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            if v["routes"][0]["servers"][0]["state"] == want {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "send_proxy {send}: server not {want}: {body}"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
