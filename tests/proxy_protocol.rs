@@ -561,3 +561,28 @@ fn health_checks_send_a_header_without_a_client_to_a_proxy_protocol_server() {
         }
     }
 }
+
+#[test]
+fn forward_takes_the_same_settings_as_flags() {
+    let (up, up_addr) = upstream_listener();
+    let proxy = Proxy::forward(&[
+        "127.0.0.1:0",
+        &up_addr.to_string(),
+        "--proxy-protocol",
+        "--proxy-protocol-timeout",
+        "1s",
+        "--send-proxy",
+        "v1",
+        "--max-connections",
+        "5",
+    ]);
+    let mut c = connect(proxy.addr("forward"));
+    c.write_all(b"PROXY TCP4 192.0.2.3 192.0.2.4 7000 80\r\nhi")
+        .unwrap();
+    let mut u = accept(&up);
+    let line = b"PROXY TCP4 192.0.2.3 192.0.2.4 7000 80\r\nhi";
+    assert_eq!(read_n(&mut u, line.len()), line);
+    let (_, body) = admin_get(proxy.admin(), "/upstreams");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["routes"][0]["max_connections"], 5, "{body}");
+}
