@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::field;
 
-use crate::config::{OnPeerFailure, Route};
+use crate::config::{OnPeerFailure, Route, SendProxy};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
@@ -175,9 +175,13 @@ pub fn run(
                 let Ok(c) = c else {
                     return Some(c.map(|c| (c, None)));
                 };
-                let dest = destination.or_else(|| client.local_addr().ok());
-                let header =
-                    dest.and_then(|d| proxy_header::encode(send_proxy, who.client_addr, d));
+                // Only then: getsockname would cost every pair a syscall.
+                let header = match send_proxy {
+                    SendProxy::Off => None,
+                    version => destination
+                        .or_else(|| client.local_addr().ok())
+                        .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
+                };
                 let sent = match header {
                     Some(h) => proxy_header::send(&c.stream, &h)
                         .await
