@@ -48,7 +48,7 @@ pub async fn accept_loop(
     let mut last_log: Option<Instant> = None;
     let mut suppressed = 0u64;
     loop {
-        let mut ready = tokio::select! {
+        let ready = tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.readable() => r,
         };
@@ -59,16 +59,15 @@ pub async fn accept_loop(
                 s = limit.acquire() => Some(s),
             };
         }
-        let accepted = match &mut ready {
+        let accepted = match ready {
             // A WouldBlock clears this worker's readiness (another took the
             // client); the slot goes back as the loop comes round.
-            Ok(guard) => match guard.try_io(|l| sockopt::accept(l.get_ref())) {
+            Ok(mut guard) => match guard.try_io(|l| sockopt::accept(l.get_ref())) {
                 Ok(r) => r.and_then(|(s, addr)| Ok((TcpStream::from_std(s)?, addr))),
                 Err(_would_block) => continue,
             },
-            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+            Err(e) => Err(e),
         };
-        drop(ready);
         match accepted {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
@@ -81,6 +80,8 @@ pub async fn accept_loop(
                 ));
             }
             Err(e) => {
+                // Not held through a backoff: another worker may have a client.
+                drop(slot);
                 let errno = e.raw_os_error();
                 // The peer gave up between SYN and accept: nothing to do.
                 if matches!(errno, Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO))
