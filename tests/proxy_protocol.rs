@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 use common::peers::{free_port, haproxy, have, nginx_stream};
 use common::*;
 
+/// nginx's stream module, a package of its own on Debian.
+const NGINX_STREAM: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
 const SIG: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
 /// A v2 PROXY header for IPv4, written out by hand (not by kaproxy's encoder),
@@ -456,7 +459,10 @@ fn haproxy_send_proxy_in_front_of_kaproxy() {
 
 #[test]
 fn kaproxy_send_proxy_to_haproxy_accept_proxy_and_nginx_proxy_protocol() {
-    if !have("haproxy", "/usr/sbin/haproxy") || !have("nginx", "/usr/sbin/nginx") {
+    if !have("haproxy", "/usr/sbin/haproxy")
+        || !have("nginx", "/usr/sbin/nginx")
+        || !have("libnginx-mod-stream", NGINX_STREAM)
+    {
         return;
     }
     let hap_addr = free_port();
@@ -495,7 +501,10 @@ fn kaproxy_send_proxy_to_haproxy_accept_proxy_and_nginx_proxy_protocol() {
 
 #[test]
 fn two_kaproxy_hops_between_haproxy_and_nginx_keep_the_client() {
-    if !have("haproxy", "/usr/sbin/haproxy") || !have("nginx", "/usr/sbin/nginx") {
+    if !have("haproxy", "/usr/sbin/haproxy")
+        || !have("nginx", "/usr/sbin/nginx")
+        || !have("libnginx-mod-stream", NGINX_STREAM)
+    {
         return;
     }
     let ngx_addr = free_port();
