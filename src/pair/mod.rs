@@ -108,46 +108,44 @@ pub fn run(
 
         // The PROXY header comes first on the socket, before anything else
         // (TLS included) looks at it. Boxed: its state lives only until then.
-        // The address the client connected to: the header's, else our own.
-        let mut destination = None;
-        if let Some(timeout) = route.route.client.proxy_protocol {
-            let received = Box::pin(async {
-                tokio::select! {
-                    r = proxy_header::receive(&client, timeout) => Some(r),
-                    _ = cancel.cancelled() => None,
-                }
-            })
-            .await;
-            let failed = match received {
-                Some(Ok(header)) => {
-                    // LOCAL, UNKNOWN and address-less families: the real peer applies.
-                    if let Some((source, dest)) = header.addresses {
-                        who.via = Some(who.client_addr);
-                        who.client_addr = source;
-                        destination = Some(dest);
-                        registration.set_proxied_client(source);
+        // The header's destination (the address the client connected to) is
+        // not declared before this await, where it would hold a slot in the task.
+        let destination = match route.route.client.proxy_protocol {
+            None => None,
+            Some(timeout) => {
+                let received = Box::pin(async {
+                    tokio::select! {
+                        r = proxy_header::receive(&client, timeout) => Some(r),
+                        _ = cancel.cancelled() => None,
                     }
-                    None
-                }
-                Some(Err(e)) => Some((CloseReason::ClientProtocolError, Some(e.to_string()))),
-                None => Some((CloseReason::Shutdown, None)),
-            };
-            if let Some((reason, detail)) = failed {
-                let close = Close {
-                    route: &route,
-                    stats: &stats,
-                    who: &who,
+                })
+                .await;
+                let header = match received {
+                    Some(Ok(header)) => header,
+                    failed => {
+                        let (reason, detail) = match failed {
+                            Some(Err(e)) => (CloseReason::ClientProtocolError, Some(e.to_string())),
+                            _ => (CloseReason::Shutdown, None),
+                        };
+                        let close = Close {
+                            route: &route,
+                            stats: &stats,
+                            who: &who,
+                        };
+                        let end = RelayEnd::plain(reason);
+                        close.finish(registration, &client, None, &end, detail);
+                        return;
+                    }
                 };
-                close.finish(
-                    registration,
-                    &client,
-                    None,
-                    &RelayEnd::plain(reason),
-                    detail,
-                );
-                return;
+                // LOCAL, UNKNOWN and address-less families: the real peer applies.
+                header.addresses.map(|(source, dest)| {
+                    who.via = Some(Box::new(who.client_addr));
+                    who.client_addr = source;
+                    registration.set_proxied_client(source);
+                    dest
+                })
             }
-        }
+        };
         let close = Close {
             route: &route,
             stats: &stats,
@@ -164,33 +162,38 @@ pub fn run(
         // task's state during the relay.
         let (up_addr, _active) = {
             let send_proxy = route.route.upstream.send_proxy;
-            let connected = Box::pin(async {
-                let c = tokio::select! {
-                    c = connect::connect(&route.route.upstream, &route.pool) => c,
-                    _ = cancel.cancelled() => return None,
-                };
-                // The PROXY header goes before any relayed byte (and before
-                // a TLS handshake): the original client, and the address it
-                // connected to (the received header's, else kaproxy's own).
-                let Ok(c) = c else {
-                    return Some(c.map(|c| (c, None)));
-                };
-                // Only then: getsockname would cost every pair a syscall.
-                let header = match send_proxy {
-                    SendProxy::Off => None,
-                    version => destination
-                        .or_else(|| client.local_addr().ok())
-                        .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
-                };
-                let sent = match header {
-                    Some(h) => proxy_header::send(&c.stream, &h)
-                        .await
-                        .err()
-                        .map(|e| close::blame(Side::Upstream, &c.stream, e)),
-                    None => None,
-                };
-                Some(Ok((c, sent)))
-            })
+            // `destination` moves into the boxed future (the rest is borrowed),
+            // so the task keeps no slot for it.
+            let connected = {
+                let (route, client, who, cancel) = (&route, &client, &who, &cancel);
+                Box::pin(async move {
+                    let c = tokio::select! {
+                        c = connect::connect(&route.route.upstream, &route.pool) => c,
+                        _ = cancel.cancelled() => return None,
+                    };
+                    // The PROXY header goes before any relayed byte (and before
+                    // a TLS handshake): the original client, and the address it
+                    // connected to (the received header's, else kaproxy's own).
+                    let Ok(c) = c else {
+                        return Some(c.map(|c| (c, None)));
+                    };
+                    // Only then: getsockname would cost every pair a syscall.
+                    let header = match send_proxy {
+                        SendProxy::Off => None,
+                        version => destination
+                            .or_else(|| client.local_addr().ok())
+                            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
+                    };
+                    let sent = match header {
+                        Some(h) => proxy_header::send(&c.stream, &h)
+                            .await
+                            .err()
+                            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
+                        None => None,
+                    };
+                    Some(Ok((c, sent)))
+                })
+            }
             .await;
             match connected {
                 Some(Ok((c, failed_send))) => {
@@ -249,7 +252,8 @@ struct PairId {
     /// The original client: a received PROXY header's source, else the peer.
     client_addr: SocketAddr,
     /// The directly connected peer, when a PROXY header named another client.
-    via: Option<SocketAddr>,
+    /// Boxed: a pair without one pays a null pointer, not a whole address.
+    via: Option<Box<SocketAddr>>,
 }
 
 impl PairId {
@@ -262,7 +266,7 @@ impl PairId {
             via = field::Empty,
             upstream.addr = field::Empty,
         );
-        if let Some(via) = self.via {
+        if let Some(via) = &self.via {
             span.record("via", field::display(via));
         }
         if let Some(addr) = upstream_addr {

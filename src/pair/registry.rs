@@ -34,8 +34,9 @@ const SHARDS: usize = 32;
 struct Fds {
     client: Option<RawFd>,
     upstream: Option<RawFd>,
-    /// The client a PROXY header named, shown instead of the socket's peer.
-    proxied: Option<SocketAddr>,
+    /// The client a PROXY header named, shown instead of the socket's peer;
+    /// boxed, so that an entry without one pays a null pointer.
+    proxied: Option<Box<SocketAddr>>,
 }
 
 #[derive(Debug)]
@@ -96,7 +97,7 @@ impl Registration<'_> {
     /// Records the original client a PROXY header named; the socket's own
     /// peer is then shown as `via`.
     pub fn set_proxied_client(&self, client: SocketAddr) {
-        lock(&self.entry.fds).proxied = Some(client);
+        lock(&self.entry.fds).proxied = Some(Box::new(client));
     }
 
     /// Records the upstream socket once connected.
@@ -171,7 +172,7 @@ impl Entry {
     fn view(&self) -> Option<PairView> {
         let fds = lock(&self.fds);
         let mut client = side_view(fds.client?);
-        if let Some(original) = fds.proxied {
+        if let Some(original) = &fds.proxied {
             client.via = client.address.replace(original.to_string());
         }
         let upstream = fds.upstream.map(side_view);
