@@ -71,13 +71,11 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
-                pairs.spawn(super::run(
-                    route.clone(),
-                    stream,
-                    addr,
-                    kill_pairs.clone(),
-                    slot,
-                ));
+                // The pair gives it back when it closes.
+                if let Some(slot) = slot {
+                    slot.keep();
+                }
+                pairs.spawn(super::run(route.clone(), stream, addr, kill_pairs.clone()));
             }
             Err(e) => {
                 // Not held through a backoff: another worker may have a client.

@@ -79,26 +79,20 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 /// subscriber, which would be most of an idle pair's memory. It is entered
 /// while connecting, and made again for the close event, with the same fields.
 ///
-/// `slot`: the pair's share of the route's `max_connections`, held (and so
-/// dropped) with the task.
+/// On a route with `max_connections`, the accept loop took a slot for the
+/// pair; the pair's [`Close`] gives it back.
 pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
     client_addr: SocketAddr,
     cancel: CancellationToken,
-    slot: Option<limit::Slot>,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
-    let mut who = PairId {
-        id,
-        client_addr,
-        via: None,
-    };
+    let mut who = PairId { id, client_addr };
     // An async block rather than an async fn: an async fn moves its arguments
     // into locals and keeps both copies in the task, which would cost every
     // pair a second copy of its client socket and addresses.
     async move {
-        let _slot = slot;
         route.metrics.pair_opened();
         // Declared before the registration so that it is dropped after it: a
         // socket is never closed while the registry still lists it.
@@ -139,9 +133,8 @@ pub fn run(
                 };
                 // LOCAL, UNKNOWN and address-less families: the real peer applies.
                 header.addresses.map(|(source, dest)| {
-                    who.via = Some(Box::new(who.client_addr));
+                    registration.set_proxied_client(source, who.client_addr);
                     who.client_addr = source;
-                    registration.set_proxied_client(source);
                     dest
                 })
             }
@@ -197,7 +190,7 @@ pub fn run(
             .await;
             match connected {
                 Some(Ok((c, failed_send))) => {
-                    log_failed_attempts(&who, &route.name, &c.failed);
+                    log_failed_attempts(&who, &route.name, &registration, &c.failed);
                     registration.set_upstream(&c.stream);
                     upstream = c.stream;
                     if let Some(e) = failed_send {
@@ -210,7 +203,7 @@ pub fn run(
                     (c.addr, c.active)
                 }
                 Some(Err(e)) => {
-                    log_failed_attempts(&who, &route.name, &e.attempts);
+                    log_failed_attempts(&who, &route.name, &registration, &e.attempts);
                     let end = RelayEnd::plain(CloseReason::ConnectFailed);
                     close.finish(registration, &client, None, &end, Some(e.to_string()));
                     return;
@@ -235,11 +228,16 @@ pub fn run(
 
 /// One warning per failed connect attempt, in the pair's span, made only when
 /// there is something to say.
-fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttempt]) {
+fn log_failed_attempts(
+    who: &PairId,
+    route: &str,
+    registration: &registry::Registration<'_>,
+    failed: &[connect::FailedAttempt],
+) {
     if failed.is_empty() {
         return;
     }
-    let _span = who.span(route, None).entered();
+    let _span = who.span(route, None, registration.via()).entered();
     for a in failed {
         tracing::warn!(server = %a.server, error = %a.error, "upstream connect failed");
     }
@@ -250,14 +248,18 @@ fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttem
 struct PairId {
     id: u64,
     /// The original client: a received PROXY header's source, else the peer.
+    /// The directly connected peer is then kept by the registry (as `via`),
+    /// not here: the pair task's size is what an idle pair costs.
     client_addr: SocketAddr,
-    /// The directly connected peer, when a PROXY header named another client.
-    /// Boxed: a pair without one pays a null pointer, not a whole address.
-    via: Option<Box<SocketAddr>>,
 }
 
 impl PairId {
-    fn span(&self, route: &str, upstream_addr: Option<SocketAddr>) -> tracing::Span {
+    fn span(
+        &self,
+        route: &str,
+        upstream_addr: Option<SocketAddr>,
+        via: Option<SocketAddr>,
+    ) -> tracing::Span {
         let span = tracing::info_span!(
             "pair",
             route,
@@ -266,7 +268,7 @@ impl PairId {
             via = field::Empty,
             upstream.addr = field::Empty,
         );
-        if let Some(via) = &self.via {
+        if let Some(via) = via {
             span.record("via", field::display(via));
         }
         if let Some(addr) = upstream_addr {
@@ -276,11 +278,21 @@ impl PairId {
     }
 }
 
-/// What closing a pair needs besides the sockets.
+/// What closing a pair needs besides the sockets. Exactly one is made per
+/// pair, on every path, so its drop gives back the pair's `max_connections`
+/// slot (see [`limit::Slot::keep`]), a panic in the relay included.
 struct Close<'a> {
     route: &'a RouteState,
     stats: &'a RelayStats,
     who: &'a PairId,
+}
+
+impl Drop for Close<'_> {
+    fn drop(&mut self) {
+        if let Some(limit) = &self.route.max_connections {
+            limit.release();
+        }
+    }
 }
 
 impl Close<'_> {
@@ -295,6 +307,7 @@ impl Close<'_> {
         end: &RelayEnd,
         detail: Option<String>,
     ) {
+        let via = registration.via();
         drop(registration);
         // A stream cut short must never look complete to a survivor. Completed
         // and idle pairs have nothing waiting (idle never fires while data
@@ -348,7 +361,10 @@ impl Close<'_> {
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
         let error = detail.or_else(|| end.error.as_ref().map(|e| e.to_string()));
-        let _span = self.who.span(&self.route.name, upstream_addr).entered();
+        let _span = self
+            .who
+            .span(&self.route.name, upstream_addr, via)
+            .entered();
         tracing::info!(
             reason = end.reason.as_str(),
             duration_ms = age.as_millis() as u64,

@@ -34,9 +34,9 @@ const SHARDS: usize = 32;
 struct Fds {
     client: Option<RawFd>,
     upstream: Option<RawFd>,
-    /// The client a PROXY header named, shown instead of the socket's peer;
-    /// boxed, so that an entry without one pays a null pointer.
-    proxied: Option<Box<SocketAddr>>,
+    /// The client a PROXY header named, shown instead of the socket's peer,
+    /// and that peer (`via`); boxed, so an entry without them pays a null pointer.
+    proxied: Option<Box<(SocketAddr, SocketAddr)>>,
 }
 
 #[derive(Debug)]
@@ -94,10 +94,15 @@ impl Registration<'_> {
         PairStats(self.entry.clone())
     }
 
-    /// Records the original client a PROXY header named; the socket's own
-    /// peer is then shown as `via`.
-    pub fn set_proxied_client(&self, client: SocketAddr) {
-        lock(&self.entry.fds).proxied = Some(Box::new(client));
+    /// Records the original client a PROXY header named, and the directly
+    /// connected peer, then shown as `via`.
+    pub fn set_proxied_client(&self, client: SocketAddr, via: SocketAddr) {
+        lock(&self.entry.fds).proxied = Some(Box::new((client, via)));
+    }
+
+    /// The directly connected peer, when a PROXY header named another client.
+    pub fn via(&self) -> Option<SocketAddr> {
+        lock(&self.entry.fds).proxied.as_ref().map(|p| p.1)
     }
 
     /// Records the upstream socket once connected.
@@ -172,8 +177,8 @@ impl Entry {
     fn view(&self) -> Option<PairView> {
         let fds = lock(&self.fds);
         let mut client = side_view(fds.client?);
-        if let Some(original) = &fds.proxied {
-            client.via = client.address.replace(original.to_string());
+        if let Some(proxied) = &fds.proxied {
+            client.via = client.address.replace(proxied.0.to_string());
         }
         let upstream = fds.upstream.map(side_view);
         drop(fds);
