@@ -2,7 +2,8 @@
 # Sets up what the tests need and runs them all: formatting, lints, unit and
 # integration tests (including the half-dead tests in private network namespaces).
 #
-# As root it installs nftables, iproute2, util-linux (unshare) and tomcat10 with apt-get;
+# As root it installs nftables, iproute2, util-linux (unshare), tomcat10, haproxy,
+# nginx and libnginx-mod-stream with apt-get;
 # without root those tests print why they are skipped, and under CI=true a
 # skipped namespace test is a failure.
 set -euo pipefail
@@ -17,6 +18,11 @@ command -v unshare >/dev/null 2>&1 || need_pkgs+=(util-linux)
 command -v script >/dev/null 2>&1 || need_pkgs+=(bsdutils)
 # The end-to-end pool test runs two real Tomcat instances.
 [ -x /usr/share/tomcat10/bin/catalina.sh ] || need_pkgs+=(tomcat10)
+# The PROXY protocol tests use real peers: HAProxy (send-proxy, accept-proxy) and
+# nginx's stream module (listen ... proxy_protocol).
+[ -x /usr/sbin/haproxy ] || need_pkgs+=(haproxy)
+[ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
+[ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${need_pkgs[*]}"

@@ -33,6 +33,39 @@ pub struct StartError {
     pub source: std::io::Error,
 }
 
+/// Raises the soft descriptor limit to what the routes need and warns when
+/// the hard limit is short; a failure here is only logged, since the limit
+/// in force may well be enough.
+fn check_descriptors(config: &Config, workers: usize) {
+    let budget = match crate::fdlimit::budget(config, workers) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the descriptor limit (RLIMIT_NOFILE)");
+            return;
+        }
+    };
+    match crate::fdlimit::raise(&budget) {
+        Ok(now) if now > budget.soft => {
+            tracing::info!(
+                from = budget.soft,
+                to = now,
+                "raised the descriptor limit (RLIMIT_NOFILE)"
+            )
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, to = budget.target(), "cannot raise the descriptor limit (RLIMIT_NOFILE)")
+        }
+    }
+    if let Some(warning) = budget.warning() {
+        tracing::warn!(
+            needed = budget.needed,
+            hard_limit = budget.hard,
+            "{warning}"
+        );
+    }
+}
+
 /// The running proxy.
 #[derive(Debug)]
 pub struct App {
@@ -57,6 +90,7 @@ impl App {
             what: "cannot start the worker threads".to_string(),
             source,
         })?;
+        check_descriptors(&config, workers.handles().len());
         let mut listeners = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             let fail = |what: String| {
@@ -80,7 +114,7 @@ impl App {
             let mut copies = Vec::with_capacity(std_listeners.len());
             for (std_listener, worker) in std_listeners.into_iter().zip(workers.handles()) {
                 let _on_worker = worker.enter();
-                copies.push(TcpListener::from_std(std_listener).map_err(fail(listening()))?);
+                copies.push(sockopt::watch_listener(std_listener).map_err(fail(listening()))?);
             }
             sockopt::verify_upstream_options(&route.upstream.keepalive)
                 .map_err(fail("cannot set the upstream socket options".to_string()))?;
@@ -129,7 +163,9 @@ impl App {
             let health_check = route.upstream.health_check.clone();
             let route_metrics = pair::route_metrics(&metrics, &route.name);
             let limits = pair::relay::RelayLimits::of(&route);
+            let max_connections = pair::route_limit(&route, &route_metrics);
             let state = Arc::new(RouteState {
+                max_connections,
                 pool: Arc::new(Pool::new(&route.name, &route.upstream, metrics.clone())),
                 name: Arc::from(route.name.as_str()),
                 route,
@@ -146,6 +182,7 @@ impl App {
                         index,
                         check.clone(),
                         state.route.upstream.keepalive,
+                        state.route.upstream.send_proxy,
                         app.stop_accepting.clone(),
                     ));
                 }

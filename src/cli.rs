@@ -6,9 +6,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{
-    self, Balance, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, Server, UpstreamSpec,
-    DEFAULT_ADMIN_LISTEN, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION, DEFAULT_HALF_CLOSE_TIMEOUT,
-    DEFAULT_SHUTDOWN_GRACE,
+    self, Balance, ClientSpec, Config, KeepaliveSpec, OnPeerFailure, Route, SendProxy, Server,
+    UpstreamSpec, DEFAULT_ADMIN_LISTEN, DEFAULT_CONNECT_TIMEOUT, DEFAULT_EJECTION,
+    DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
 };
 use crate::telemetry::LogFormat;
 
@@ -100,6 +100,18 @@ pub struct ForwardArgs {
     /// Time live pairs get to finish after SIGTERM/SIGINT.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Live pairs at most; further clients wait in the listen backlog (0 = unlimited).
+    #[arg(long, default_value_t = config::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: u32,
+    /// Expect a PROXY header (v1 or v2) at the start of every client connection.
+    #[arg(long)]
+    pub proxy_protocol: bool,
+    /// Bound on receiving a whole PROXY header.
+    #[arg(long, value_parser = parse_positive_duration, default_value = "3s")]
+    pub proxy_protocol_timeout: Duration,
+    /// PROXY header sent first to the upstream: off, v1 or v2.
+    #[arg(long, value_parser = parse_send_proxy, default_value = "off")]
+    pub send_proxy: SendProxy,
     /// Admin endpoint address, or "off".
     #[arg(long, value_parser = parse_admin, default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin: AdminListen,
@@ -187,6 +199,7 @@ impl ForwardArgs {
                 client: ClientSpec {
                     keepalive: self.client_keepalive,
                     path_idle_limit: None,
+                    proxy_protocol: self.proxy_protocol.then_some(self.proxy_protocol_timeout),
                 },
                 upstream: UpstreamSpec {
                     servers: self
@@ -201,10 +214,12 @@ impl ForwardArgs {
                     connect_timeout: self.connect_timeout,
                     keepalive: self.upstream_keepalive,
                     path_idle_limit: None,
+                    send_proxy: self.send_proxy,
                 },
                 idle_timeout: nonzero(self.idle_timeout),
                 half_close_timeout: nonzero(self.half_close_timeout),
                 on_peer_failure: self.on_peer_failure,
+                max_connections: (self.max_connections > 0).then_some(self.max_connections),
             }],
         }
     }
@@ -258,6 +273,15 @@ fn parse_balance(s: &str) -> Result<Balance, String> {
         _ => Err(format!(
             "{s:?}: use round-robin, least-connections, random or first"
         )),
+    }
+}
+
+fn parse_send_proxy(s: &str) -> Result<SendProxy, String> {
+    match s {
+        "off" => Ok(SendProxy::Off),
+        "v1" => Ok(SendProxy::V1),
+        "v2" => Ok(SendProxy::V2),
+        _ => Err(format!("{s:?}: use \"off\", \"v1\" or \"v2\"")),
     }
 }
 

@@ -10,25 +10,29 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{fmt_duration, HealthCheck, HealthKind, KeepaliveSpec, ServerAddr};
+use crate::config::{fmt_duration, HealthCheck, HealthKind, KeepaliveSpec, SendProxy, ServerAddr};
 use crate::net::connect;
+use crate::net::proxy_protocol::{self, Version};
 use crate::pool::Pool;
 
 /// Checks server `index` of `pool` every interval until `stop` is cancelled,
-/// connecting with the route's upstream `keepalive`.
+/// connecting with the route's upstream `keepalive`. A server that expects a
+/// PROXY header (`send_proxy`) gets one first on every check, carrying no
+/// client: v2 LOCAL or v1 UNKNOWN, as HAProxy's `check-send-proxy` sends.
 /// The first check runs at once, so a server starts in the state it is really in.
 pub async fn run(
     pool: Arc<Pool>,
     index: usize,
     check: HealthCheck,
     keepalive: KeepaliveSpec,
+    send_proxy: SendProxy,
     stop: CancellationToken,
 ) {
     let server = pool.servers[index].spec.addr.clone();
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(check.timeout, probe(&server, &check, &keepalive)) => match r {
+            r = tokio::time::timeout(check.timeout, probe(&server, &check, &keepalive, send_proxy)) => match r {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {}", fmt_duration(check.timeout))),
             },
@@ -51,8 +55,21 @@ async fn probe(
     server: &ServerAddr,
     check: &HealthCheck,
     keepalive: &KeepaliveSpec,
+    send_proxy: SendProxy,
 ) -> Result<String, String> {
-    let (stream, addr) = connect::connect_one(server, keepalive, check.timeout).await?;
+    let (mut stream, addr) = connect::connect_one(server, keepalive, check.timeout).await?;
+    let version = match send_proxy {
+        SendProxy::Off => None,
+        SendProxy::V1 => Some(Version::V1),
+        SendProxy::V2 => Some(Version::V2),
+    };
+    if let Some(version) = version {
+        use tokio::io::AsyncWriteExt;
+        stream
+            .write_all(&proxy_protocol::encode(version, None))
+            .await
+            .map_err(|e| format!("sending the PROXY header to {addr}: {e}"))?;
+    }
     match &check.kind {
         HealthKind::Tcp => Ok(format!("connected to {addr}")),
         HealthKind::Http { path, expect, host } => {

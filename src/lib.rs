@@ -11,6 +11,7 @@
 //! - [`admin`]: the hyper admin endpoint (renders metrics, lists pairs), `kaproxy status`.
 //! - [`probe`]: `kaproxy probe`, which measures the idle timeout of the path to a server.
 //! - [`workers`]: the worker threads, one single-threaded runtime each, where pairs live.
+//! - [`fdlimit`]: RLIMIT_NOFILE against what the routes' max_connections need.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
 //! - [`cli`]: the command line, used by the binary.
 #![deny(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod app;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod fdlimit;
 pub mod health;
 pub mod net;
 pub mod pair;

@@ -14,6 +14,23 @@ use kaproxy::telemetry;
 const EXIT_USAGE: u8 = 64;
 const EXIT_RUNTIME: u8 = 1;
 
+/// Prints to stdout; a closed stdout (`kaproxy check | head`) is not an error
+/// worth a panic, so a failed write is ignored, as other command-line tools do.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// As [`outln!`], without the newline.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -31,7 +48,19 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             return match Config::load(&config) {
                 Ok(cfg) => {
-                    print!("{}", cfg.describe());
+                    out!("{}", cfg.describe());
+                    let workers = kaproxy::workers::resolve_count(cli.workers);
+                    match kaproxy::fdlimit::budget(&cfg, workers) {
+                        Ok(budget) => {
+                            outln!("\n{}", budget.describe());
+                            if let Some(warning) = budget.warning() {
+                                outln!("warning: {warning}");
+                            }
+                        }
+                        Err(e) => outln!(
+                            "\nwarning: cannot read the descriptor limit (RLIMIT_NOFILE): {e}"
+                        ),
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -58,7 +87,7 @@ fn main() -> ExitCode {
             };
             return match kaproxy::admin::status::healthcheck(&cfg) {
                 Ok(text) => {
-                    println!("{text}");
+                    outln!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -71,7 +100,7 @@ fn main() -> ExitCode {
         Command::Status { admin } => {
             return match kaproxy::admin::status::render(admin) {
                 Ok(text) => {
-                    print!("{text}");
+                    out!("{text}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -137,9 +166,9 @@ fn probe(args: &kaproxy::cli::ProbeArgs) -> ExitCode {
     match runtime.block_on(kaproxy::probe::run(&args.server, settings, &mut progress)) {
         Ok(r) => {
             if args.json {
-                println!("{}", report::json(&r));
+                outln!("{}", report::json(&r));
             } else {
-                print!("{}", report::human(&r));
+                out!("{}", report::human(&r));
             }
             ExitCode::SUCCESS
         }

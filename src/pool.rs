@@ -345,6 +345,7 @@ mod tests {
 
     fn pool(n: usize, balance: Balance, ejection: Ejection) -> Pool {
         let spec = UpstreamSpec {
+            send_proxy: crate::config::SendProxy::Off,
             servers: (0..n)
                 .map(|i| Server {
                     addr: ServerAddr {

@@ -23,6 +23,15 @@ use tokio_util::sync::CancellationToken;
 /// driver's next wake early enough that they are simply inserted.
 pub const TICK: Duration = Duration::from_millis(200);
 
+/// How many workers `count` means: itself, or one per CPU this process may
+/// use (cgroup quotas included) when 0.
+pub fn resolve_count(count: usize) -> usize {
+    match count {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
 /// The worker threads; dropping this stops them, ending any task still on them.
 #[derive(Debug)]
 pub struct Workers {
@@ -35,10 +44,7 @@ impl Workers {
     /// Starts `count` workers, or one per CPU this process may use (cgroup
     /// quotas included) when `count` is 0.
     pub fn start(count: usize) -> io::Result<Workers> {
-        let count = match count {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
+        let count = resolve_count(count);
         let mut workers = Workers {
             handles: Vec::with_capacity(count),
             stop: CancellationToken::new(),

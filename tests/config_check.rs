@@ -239,6 +239,34 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "route \"web\".upstream.path_idle_limit",
         "2s is too short for any keepalive",
     ),
+    (
+        "negative max_connections",
+        "[defaults]\nmax_connections = -5\n",
+        2,
+        "defaults.max_connections",
+        "-5 is not a usable number of live pairs",
+    ),
+    (
+        "unknown send_proxy version",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nsend_proxy = \"v3\"\n",
+        6,
+        "route \"web\".upstream.send_proxy",
+        "\"v3\" is not a PROXY protocol version",
+    ),
+    (
+        "zero proxy_protocol_timeout",
+        "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nproxy_protocol = true\nproxy_protocol_timeout = \"0s\"\n[route.upstream]\nservers = [\"a:1\"]\n",
+        6,
+        "route \"web\".client.proxy_protocol_timeout",
+        "must be greater than zero",
+    ),
+    (
+        "proxy_protocol not a boolean",
+        "[defaults.client]\nproxy_protocol = \"yes\"\n",
+        2,
+        "defaults.client.proxy_protocol",
+        "invalid type",
+    ),
 ];
 
 #[test]

@@ -389,6 +389,9 @@ fn upstreams(state: &AdminState) -> Response<Body> {
                 "listen": addr.to_string(),
                 "balance": r.route.upstream.balance.as_str(),
                 "health_check": r.route.upstream.health_check.is_some(),
+                // null when unlimited.
+                "max_connections": r.max_connections.as_ref().map(|l| l.max()),
+                "slots_taken": r.max_connections.as_ref().map(|l| l.taken()),
                 "servers": servers,
             })
         })

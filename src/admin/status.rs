@@ -95,9 +95,21 @@ pub fn render(admin: SocketAddr) -> Result<String, String> {
         let states = by_route.get(name).cloned().unwrap_or_default();
         let total: usize = states.values().sum();
         let detail: Vec<String> = states.iter().map(|(s, n)| format!("{s} {n}")).collect();
+        let limit = match r["max_connections"].as_u64() {
+            Some(max) => {
+                let taken = r["slots_taken"].as_u64().unwrap_or(0);
+                let full = if taken >= max {
+                    ", AT LIMIT: new clients wait"
+                } else {
+                    ""
+                };
+                format!("limit {max} ({taken} taken{full})")
+            }
+            None => "limit none".to_string(),
+        };
         let _ = writeln!(
             out,
-            "\nroute {name}  listen {}  balance {}  pairs {total}{}",
+            "\nroute {name}  listen {}  balance {}  {limit}  pairs {total}{}",
             r["listen"].as_str().unwrap_or("?"),
             r["balance"].as_str().unwrap_or("?"),
             if detail.is_empty() {

@@ -23,8 +23,15 @@ pub const PREFIX: &str = "KAPROXY_";
 const SECTIONS: &[&str] = &["shutdown_grace", "admin", "defaults", "route"];
 
 /// Keys whose values are integers, booleans, or a comma-separated server list.
-const INTEGER_KEYS: &[&str] = &["probes", "rise", "fall", "retries", "failures"];
-const BOOLEAN_KEYS: &[&str] = &["enabled", "tcp"];
+const INTEGER_KEYS: &[&str] = &[
+    "probes",
+    "rise",
+    "fall",
+    "retries",
+    "failures",
+    "max_connections",
+];
+const BOOLEAN_KEYS: &[&str] = &["enabled", "tcp", "proxy_protocol"];
 
 /// Overrides turned into TOML, ready to be parsed after the file's text.
 #[derive(Debug, Default)]

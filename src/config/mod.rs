@@ -45,6 +45,17 @@ pub const DEFAULT_ADMIN_ADDR: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4
     std::net::Ipv4Addr::LOCALHOST,
     9901,
 ));
+/// Built-in bound on receiving a whole PROXY header.
+pub const DEFAULT_PROXY_PROTOCOL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Built-in limit of live pairs per route. A bound rather than none, so that a
+/// flood on one route cannot take every descriptor from the others; 10,000
+/// pairs (20,000 descriptors) is beyond what most single backends serve, and
+/// fits the hard descriptor limit of systemd (524,288) and Docker (1,048,576)
+/// many times over. kaproxy warns at start when the limit cannot hold it.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Largest `max_connections`: far above any descriptor limit a kernel allows
+/// (fs.nr_open is at most 1,073,741,816, two per pair).
+pub const MAX_MAX_CONNECTIONS: u32 = 500_000_000;
 /// Built-in time live pairs get to finish after SIGTERM/SIGINT.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -80,6 +91,9 @@ pub struct Route {
     pub half_close_timeout: Option<Duration>,
     /// How the survivor is told when the other side fails.
     pub on_peer_failure: OnPeerFailure,
+    /// Live pairs at most; `None` = unlimited. At the limit the route stops
+    /// accepting and new clients wait in the listen backlog.
+    pub max_connections: Option<u32>,
 }
 
 /// Client side of a route.
@@ -90,6 +104,9 @@ pub struct ClientSpec {
     /// Idle timeout of the path between clients and kaproxy, when known;
     /// the keepalive has been checked to stay safely below it.
     pub path_idle_limit: Option<PathIdleLimit>,
+    /// Every connection must start with a PROXY header (v1 or v2), received
+    /// within this time; `None` = no header expected.
+    pub proxy_protocol: Option<Duration>,
 }
 
 /// Upstream side of a route.
@@ -112,6 +129,30 @@ pub struct UpstreamSpec {
     /// Idle timeout of the path between kaproxy and the servers, when known;
     /// the keepalive has been checked to stay safely below it.
     pub path_idle_limit: Option<PathIdleLimit>,
+    /// The PROXY header sent first on every upstream connection.
+    pub send_proxy: SendProxy,
+}
+
+/// Which PROXY header kaproxy sends to the upstream, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendProxy {
+    /// None.
+    Off,
+    /// Version 1, text.
+    V1,
+    /// Version 2, binary.
+    V2,
+}
+
+impl SendProxy {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SendProxy::Off => "off",
+            SendProxy::V1 => "v1",
+            SendProxy::V2 => "v2",
+        }
+    }
 }
 
 /// One upstream server of a pool.
@@ -422,6 +463,23 @@ impl Config {
                 "  on_peer_failure    = {}",
                 route.on_peer_failure.as_str()
             );
+            let _ = writeln!(
+                out,
+                "  max_connections    = {}",
+                describe_limit(route.max_connections)
+            );
+            let _ = writeln!(
+                out,
+                "  proxy_protocol     = {}",
+                match route.client.proxy_protocol {
+                    Some(t) => format!(
+                        "expected from clients (v1 or v2), within {}",
+                        fmt_duration(t)
+                    ),
+                    None => "off".to_string(),
+                }
+            );
+            let _ = writeln!(out, "  send_proxy         = {}", u.send_proxy.as_str());
             for (side, ka, limit) in [
                 (
                     "client",
@@ -447,6 +505,13 @@ impl Config {
             }
         }
         out
+    }
+}
+
+fn describe_limit(limit: Option<u32>) -> String {
+    match limit {
+        Some(n) => format!("{n} live pairs, then clients wait in the listen backlog"),
+        None => "unlimited".to_string(),
     }
 }
 

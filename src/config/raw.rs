@@ -34,6 +34,7 @@ pub struct RawDefaults {
     pub idle_timeout: Option<SStr>,
     pub half_close_timeout: Option<SStr>,
     pub on_peer_failure: Option<SStr>,
+    pub max_connections: Option<Spanned<i64>>,
     pub client: Option<RawClient>,
     pub upstream: Option<RawUpstreamDefaults>,
 }
@@ -47,6 +48,7 @@ pub struct RawRoute {
     pub idle_timeout: Option<SStr>,
     pub half_close_timeout: Option<SStr>,
     pub on_peer_failure: Option<SStr>,
+    pub max_connections: Option<Spanned<i64>>,
     pub client: Option<RawClient>,
     pub upstream: Option<RawUpstream>,
 }
@@ -57,6 +59,8 @@ pub struct RawRoute {
 pub struct RawClient {
     pub keepalive: Option<RawKeepalive>,
     pub path_idle_limit: Option<SStr>,
+    pub proxy_protocol: Option<Spanned<bool>>,
+    pub proxy_protocol_timeout: Option<SStr>,
 }
 
 /// `[defaults.upstream]`: servers are per route only.
@@ -66,6 +70,7 @@ pub struct RawUpstreamDefaults {
     pub connect_timeout: Option<SStr>,
     pub path_idle_limit: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
+    pub send_proxy: Option<SStr>,
     pub balance: Option<SStr>,
     pub retries: Option<Spanned<i64>>,
     pub health_check: Option<RawHealthCheck>,
@@ -82,6 +87,7 @@ pub struct RawUpstream {
     pub connect_timeout: Option<SStr>,
     pub path_idle_limit: Option<SStr>,
     pub keepalive: Option<RawKeepalive>,
+    pub send_proxy: Option<SStr>,
     pub balance: Option<SStr>,
     pub retries: Option<Spanned<i64>>,
     pub health_check: Option<RawHealthCheck>,
@@ -164,7 +170,12 @@ merge_struct!(RawAdmin {
     tables: []
 });
 merge_struct!(RawDefaults {
-    values: [idle_timeout, half_close_timeout, on_peer_failure],
+    values: [
+        idle_timeout,
+        half_close_timeout,
+        on_peer_failure,
+        max_connections
+    ],
     tables: [client, upstream]
 });
 merge_struct!(RawRoute {
@@ -173,20 +184,34 @@ merge_struct!(RawRoute {
         listen,
         idle_timeout,
         half_close_timeout,
-        on_peer_failure
+        on_peer_failure,
+        max_connections
     ],
     tables: [client, upstream]
 });
 merge_struct!(RawClient {
-    values: [path_idle_limit],
+    values: [path_idle_limit, proxy_protocol, proxy_protocol_timeout],
     tables: [keepalive]
 });
 merge_struct!(RawUpstreamDefaults {
-    values: [connect_timeout, path_idle_limit, balance, retries],
+    values: [
+        connect_timeout,
+        path_idle_limit,
+        send_proxy,
+        balance,
+        retries
+    ],
     tables: [keepalive, health_check, passive_ejection]
 });
 merge_struct!(RawUpstream {
-    values: [servers, connect_timeout, path_idle_limit, balance, retries],
+    values: [
+        servers,
+        connect_timeout,
+        path_idle_limit,
+        send_proxy,
+        balance,
+        retries
+    ],
     tables: [keepalive, health_check, passive_ejection]
 });
 merge_struct!(RawKeepalive {

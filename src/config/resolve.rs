@@ -12,8 +12,9 @@ use super::pool::{finish_pool, pool_layer, server_entry, PoolLayer};
 use super::raw::{Merge, RawConfig, RawOverlay, SStr};
 use super::source::{off_or_duration, positive_duration, toml_error, Ctx};
 use super::{
-    ClientSpec, Config, ConfigError, Location, OnPeerFailure, Route, UpstreamSpec,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_SHUTDOWN_GRACE,
+    ClientSpec, Config, ConfigError, Location, OnPeerFailure, Route, SendProxy, UpstreamSpec,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, MAX_MAX_CONNECTIONS,
 };
 
 /// Route-level scalar settings as found at one level.
@@ -23,6 +24,10 @@ struct RouteLayer {
     half_close_timeout: Option<Option<Duration>>,
     on_peer_failure: Option<OnPeerFailure>,
     connect_timeout: Option<Duration>,
+    max_connections: Option<Option<u32>>,
+    proxy_protocol: Option<bool>,
+    proxy_protocol_timeout: Option<Duration>,
+    send_proxy: Option<SendProxy>,
     client: KeepaliveLayer,
     upstream: KeepaliveLayer,
     client_limit: Option<PathIdleLimit>,
@@ -125,6 +130,28 @@ pub(super) fn resolve(
                 .as_ref()
                 .and_then(|u| u.connect_timeout.as_ref())
                 .map(|s| positive_duration(&ctx, s, "defaults.upstream.connect_timeout"))
+                .transpose()?,
+            max_connections: d
+                .max_connections
+                .as_ref()
+                .map(|n| max_connections(&ctx, n, "defaults.max_connections"))
+                .transpose()?,
+            proxy_protocol: d
+                .client
+                .as_ref()
+                .and_then(|c| c.proxy_protocol.as_ref())
+                .map(|b| *b.get_ref()),
+            proxy_protocol_timeout: d
+                .client
+                .as_ref()
+                .and_then(|c| c.proxy_protocol_timeout.as_ref())
+                .map(|s| positive_duration(&ctx, s, "defaults.client.proxy_protocol_timeout"))
+                .transpose()?,
+            send_proxy: d
+                .upstream
+                .as_ref()
+                .and_then(|u| u.send_proxy.as_ref())
+                .map(|s| send_proxy(&ctx, s, "defaults.upstream.send_proxy"))
                 .transpose()?,
             client: keepalive_layer(
                 &ctx,
@@ -309,6 +336,26 @@ pub(super) fn resolve(
                 .and_then(|u| u.connect_timeout.as_ref())
                 .map(|s| positive_duration(&ctx, s, &at("upstream.connect_timeout")))
                 .transpose()?,
+            max_connections: r
+                .max_connections
+                .as_ref()
+                .map(|n| max_connections(&ctx, n, &at("max_connections")))
+                .transpose()?,
+            proxy_protocol: r
+                .client
+                .as_ref()
+                .and_then(|c| c.proxy_protocol.as_ref())
+                .map(|b| *b.get_ref()),
+            proxy_protocol_timeout: r
+                .client
+                .as_ref()
+                .and_then(|c| c.proxy_protocol_timeout.as_ref())
+                .map(|s| positive_duration(&ctx, s, &at("client.proxy_protocol_timeout")))
+                .transpose()?,
+            send_proxy: upstream_raw
+                .and_then(|u| u.send_proxy.as_ref())
+                .map(|s| send_proxy(&ctx, s, &at("upstream.send_proxy")))
+                .transpose()?,
             client: keepalive_layer(
                 &ctx,
                 r.client.as_ref().and_then(|c| c.keepalive.as_ref()),
@@ -379,6 +426,16 @@ pub(super) fn resolve(
             client: ClientSpec {
                 keepalive: client_keepalive,
                 path_idle_limit: client_limit,
+                proxy_protocol: layer
+                    .proxy_protocol
+                    .or(defaults.proxy_protocol)
+                    .unwrap_or(false)
+                    .then(|| {
+                        layer
+                            .proxy_protocol_timeout
+                            .or(defaults.proxy_protocol_timeout)
+                            .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT)
+                    }),
             },
             upstream: UpstreamSpec {
                 servers,
@@ -392,6 +449,10 @@ pub(super) fn resolve(
                     .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
                 keepalive: upstream_keepalive,
                 path_idle_limit: upstream_limit,
+                send_proxy: layer
+                    .send_proxy
+                    .or(defaults.send_proxy)
+                    .unwrap_or(SendProxy::Off),
             },
             idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
             half_close_timeout: layer
@@ -402,6 +463,10 @@ pub(super) fn resolve(
                 .on_peer_failure
                 .or(defaults.on_peer_failure)
                 .unwrap_or(OnPeerFailure::Reset),
+            max_connections: layer
+                .max_connections
+                .or(defaults.max_connections)
+                .unwrap_or(Some(DEFAULT_MAX_CONNECTIONS)),
         });
     }
 
@@ -495,6 +560,38 @@ fn on_peer_failure(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<OnPeerFailure
     }
 }
 
+fn send_proxy(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<SendProxy, ConfigError> {
+    match s.get_ref().trim() {
+        "off" => Ok(SendProxy::Off),
+        "v1" => Ok(SendProxy::V1),
+        "v2" => Ok(SendProxy::V2),
+        other => ctx.err(
+            s.span(),
+            field,
+            format!("{other:?} is not a PROXY protocol version"),
+            "use \"v1\" (text), \"v2\" (binary) or \"off\" (the default); the upstream must expect that header",
+        ),
+    }
+}
+
+/// `max_connections`: a whole number, 0 for unlimited.
+fn max_connections(
+    ctx: &Ctx<'_>,
+    n: &Spanned<i64>,
+    field: &str,
+) -> Result<Option<u32>, ConfigError> {
+    match *n.get_ref() {
+        0 => Ok(None),
+        v if v > 0 && v <= i64::from(MAX_MAX_CONNECTIONS) => Ok(Some(v as u32)),
+        v => ctx.err(
+            n.span(),
+            field,
+            format!("{v} is not a usable number of live pairs"),
+            format!("use a whole number from 1 to {MAX_MAX_CONNECTIONS}, or 0 for no limit"),
+        ),
+    }
+}
+
 /// Parses a listen address: an IP literal and a port (0 allowed).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.trim()
@@ -533,6 +630,44 @@ mod tests {
         assert_eq!(r.half_close_timeout, Some(Duration::from_secs(60)));
         assert_eq!(r.idle_timeout, None);
         assert_eq!(cfg.shutdown_grace, Duration::from_secs(30));
+        assert_eq!(r.max_connections, Some(10_000), "built-in");
+        assert_eq!(r.client.proxy_protocol, None);
+        assert_eq!(r.upstream.send_proxy, SendProxy::Off);
+    }
+
+    #[test]
+    fn proxy_protocol_and_limits_inherit() {
+        let text = format!(
+            "[defaults]\nmax_connections = 50\n[defaults.client]\nproxy_protocol_timeout = \"500ms\"\n[defaults.upstream]\nsend_proxy = \"v1\"\n{ROUTE}send_proxy = \"v2\"\n[route.client]\nproxy_protocol = true\n[[route]]\nname = \"s\"\nlisten = \"127.0.0.1:0\"\nmax_connections = 0\n[route.upstream]\nservers = [\"b:1\"]\n"
+        );
+        let cfg = resolve("t", &text, &[]).unwrap();
+        let (r, s) = (&cfg.routes[0], &cfg.routes[1]);
+        assert_eq!(r.client.proxy_protocol, Some(Duration::from_millis(500)));
+        assert_eq!(r.upstream.send_proxy, SendProxy::V2, "route wins");
+        assert_eq!(r.max_connections, Some(50), "from defaults");
+        assert_eq!(s.client.proxy_protocol, None, "off unless asked for");
+        assert_eq!(s.upstream.send_proxy, SendProxy::V1, "from defaults");
+        assert_eq!(s.max_connections, None, "0 = unlimited");
+    }
+
+    #[test]
+    fn bad_proxy_and_limit_values_say_what_to_write() {
+        for (extra, field, hint) in [
+            (
+                "max_connections = -1\n",
+                "max_connections",
+                "0 for no limit",
+            ),
+            ("send_proxy = \"v3\"\n", "send_proxy", "\"v1\""),
+        ] {
+            let text = if field == "send_proxy" {
+                format!("{ROUTE}{extra}")
+            } else {
+                format!("[defaults]\n{extra}{ROUTE}")
+            };
+            let e = resolve("t", &text, &[]).unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(hint), "{e}");
+        }
     }
 
     #[test]

@@ -188,6 +188,7 @@ mod tests {
                 })
                 .collect(),
             balance,
+            send_proxy: crate::config::SendProxy::Off,
             retries: None,
             health_check: None,
             ejection: DEFAULT_EJECTION,

@@ -1,5 +1,6 @@
-//! Sockets: options, upstream connects, splice.
+//! Sockets: options, upstream connects, splice, the PROXY protocol codec.
 
 pub mod connect;
+pub mod proxy_protocol;
 pub mod sockopt;
 pub mod splice;

@@ -384,6 +384,51 @@ pub fn start_upstream_connect(
     Ok(socket.into())
 }
 
+/// Copies up to `buf.len()` bytes that wait on `socket` into `buf` without
+/// taking them from the socket (MSG_PEEK), never blocking: WouldBlock when
+/// nothing waits, 0 at end of stream. Used to look at a PROXY header before
+/// reading exactly its length, so no byte after it is consumed.
+pub fn peek<S>(socket: &S, buf: &mut [u8]) -> io::Result<usize>
+where
+    S: std::os::fd::AsFd,
+{
+    use std::os::fd::AsRawFd;
+    // The borrow of `socket` keeps the descriptor open for the call.
+    loop {
+        match raw::recv(
+            socket.as_fd().as_raw_fd(),
+            buf,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        ) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+/// One accept4(2) on a listening socket, the new socket non-blocking and
+/// close-on-exec as it is created (the same single call tokio makes), so that
+/// an accept loop can wait for readability itself.
+pub fn accept<S>(listener: &S) -> io::Result<(std::net::TcpStream, SocketAddr)>
+where
+    S: std::os::fd::AsFd,
+{
+    use std::os::fd::AsRawFd;
+    let (socket, addr) = raw::accept4(listener.as_fd().as_raw_fd())?;
+    let addr = addr
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accept returned a non-IP peer address"))?;
+    Ok((socket.into(), addr))
+}
+
+/// Registers a listening socket with the current runtime's reactor, so that
+/// an accept loop can wait for it to be readable without accepting.
+pub fn watch_listener(
+    listener: std::net::TcpListener,
+) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+    raw::register(listener)
+}
+
 /// Why a connect that became ready with an error or hang-up failed (SO_ERROR).
 pub fn connect_error(socket: &impl std::os::fd::AsFd) -> io::Error {
     match SockRef::from(socket).take_error() {
@@ -500,8 +545,10 @@ fn tcp_state_name(state: u8) -> &'static str {
 }
 
 /// The only unsafe code in kaproxy: TCP_INFO has no safe wrapper in socket2,
-/// and the registry refers to live sockets by descriptor number (a pair owns its
-/// sockets and lends the registry nothing it could keep open).
+/// the registry refers to live sockets by descriptor number (a pair owns its
+/// sockets and lends the registry nothing it could keep open), socket2 peeks
+/// only into uninitialized buffers, and has no accept4 with SOCK_NONBLOCK;
+/// tokio's AsyncFd registration.
 #[allow(unsafe_code)]
 mod raw {
     use std::io;
@@ -519,6 +566,53 @@ mod raw {
             // pair's own while this borrow lives.
             unsafe { BorrowedFd::borrow_raw(self.0) }
         }
+    }
+
+    /// recv(2) into `buf` with `flags`.
+    pub fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+        // SAFETY: the pointer and length describe `buf`, which is initialized
+        // and outlives the call; the kernel writes at most `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), flags) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// AsyncFd::register of a listener (tokio made it unsafe: the descriptor
+    /// must stay the registered one until the AsyncFd is dropped).
+    pub fn register(
+        listener: std::net::TcpListener,
+    ) -> io::Result<tokio::io::unix::AsyncFd<std::net::TcpListener>> {
+        // SAFETY: the AsyncFd takes ownership of the listener, which owns its
+        // descriptor; nothing replaces or closes it while registered (the
+        // accept loop only borrows it, and dropping the AsyncFd deregisters
+        // before the listener closes).
+        unsafe { tokio::io::unix::AsyncFd::register(listener) }.map_err(|e| e.into())
+    }
+
+    /// accept4(2) with SOCK_NONBLOCK | SOCK_CLOEXEC.
+    pub fn accept4(fd: RawFd) -> io::Result<(socket2::Socket, socket2::SockAddr)> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: try_init hands accept4 storage and a length that describe a
+        // sockaddr_storage; accept4 writes at most that length and updates it.
+        let (new_fd, addr) = unsafe {
+            socket2::SockAddr::try_init(|storage, len| {
+                let new_fd = libc::accept4(
+                    fd,
+                    storage.cast(),
+                    len,
+                    libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                );
+                if new_fd < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(new_fd)
+                }
+            })?
+        };
+        // SAFETY: accept4 just returned this descriptor; nothing else owns it.
+        Ok((unsafe { socket2::Socket::from_raw_fd(new_fd) }, addr))
     }
 
     /// TCP_INFO and how many bytes of it the kernel filled in (older kernels fill less).

@@ -1,16 +1,27 @@
 //! Accept loops. One pair task is spawned per accepted socket and the loop never
 //! waits on per-connection work, so one slow client cannot stall accepts.
+//!
+//! A route with `max_connections` takes a slot before each accept. The order
+//! is: this worker's listener is readable, then a slot, then accept(2). A slot
+//! taken before knowing that a client waits here could sit with a worker whose
+//! backlog is empty while another worker's client waits for it. At the limit,
+//! clients wait in the listen backlog: nothing is accepted and then dropped.
+//! tokio's TcpListener cannot wait for readability without accepting, so the
+//! loop waits on the listening socket itself; an accept costs the same one
+//! accept4(2) and one registration as tokio's, with or without a limit.
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::RouteState;
+use crate::net::sockopt;
 
 /// First pause after running out of descriptors or memory; doubled up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(5);
@@ -23,7 +34,7 @@ const ERROR_LOG_PERIOD: Duration = Duration::from_secs(5);
 /// `open` counts the route's listeners still open: the last one to close says
 /// that the route stopped accepting.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: AsyncFd<std::net::TcpListener>,
     open: Arc<AtomicUsize>,
     route: Arc<RouteState>,
     stop: CancellationToken,
@@ -37,16 +48,38 @@ pub async fn accept_loop(
     let mut last_log: Option<Instant> = None;
     let mut suppressed = 0u64;
     loop {
-        let accepted = tokio::select! {
+        let ready = tokio::select! {
             _ = stop.cancelled() => break,
-            r = listener.accept() => r,
+            r = listener.readable() => r,
+        };
+        let mut slot = None;
+        if let (Ok(_), Some(limit)) = (&ready, &route.max_connections) {
+            slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                s = limit.acquire() => Some(s),
+            };
+        }
+        let accepted = match ready {
+            // A WouldBlock clears this worker's readiness (another took the
+            // client); the slot goes back as the loop comes round.
+            Ok(mut guard) => match guard.try_io(|l| sockopt::accept(l.get_ref())) {
+                Ok(r) => r.and_then(|(s, addr)| Ok((TcpStream::from_std(s)?, addr))),
+                Err(_would_block) => continue,
+            },
+            Err(e) => Err(e),
         };
         match accepted {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
+                // The pair gives it back when it closes.
+                if let Some(slot) = slot {
+                    slot.keep();
+                }
                 pairs.spawn(super::run(route.clone(), stream, addr, kill_pairs.clone()));
             }
             Err(e) => {
+                // Not held through a backoff: another worker may have a client.
+                drop(slot);
                 let errno = e.raw_os_error();
                 // The peer gave up between SYN and accept: nothing to do.
                 if matches!(errno, Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO))

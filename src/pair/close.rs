@@ -74,13 +74,15 @@ pub enum CloseReason {
     ClientStalled,
     /// The upstream was alive but accepted no data for its `stall_timeout`.
     UpstreamStalled,
+    /// The client's PROXY header was missing, malformed, too long or late.
+    ClientProtocolError,
     /// kaproxy shut down before the pair finished.
     Shutdown,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order ([`CloseReason::index`]).
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         CloseReason::Completed,
         CloseReason::ClientDead,
         CloseReason::UpstreamDead,
@@ -93,6 +95,7 @@ impl CloseReason {
         CloseReason::ConnectFailed,
         CloseReason::ClientStalled,
         CloseReason::UpstreamStalled,
+        CloseReason::ClientProtocolError,
         CloseReason::Shutdown,
     ];
 
@@ -119,6 +122,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::ClientStalled => "client_stalled",
             CloseReason::UpstreamStalled => "upstream_stalled",
+            CloseReason::ClientProtocolError => "client_protocol_error",
             CloseReason::Shutdown => "shutdown",
         }
     }
@@ -166,9 +170,10 @@ impl CloseReason {
     /// is closed per `on_peer_failure`.
     pub fn failed_side(self) -> Option<Side> {
         match self {
-            CloseReason::ClientDead | CloseReason::ClientReset | CloseReason::ClientError => {
-                Some(Side::Client)
-            }
+            CloseReason::ClientDead
+            | CloseReason::ClientReset
+            | CloseReason::ClientError
+            | CloseReason::ClientProtocolError => Some(Side::Client),
             CloseReason::UpstreamDead
             | CloseReason::UpstreamReset
             | CloseReason::UpstreamError
@@ -277,6 +282,14 @@ mod tests {
     fn names_are_stable_snake_case() {
         assert_eq!(CloseReason::HalfCloseTimeout.as_str(), "half_close_timeout");
         assert_eq!(CloseReason::ConnectFailed.to_string(), "connect_failed");
+        assert_eq!(
+            CloseReason::ClientProtocolError.as_str(),
+            "client_protocol_error"
+        );
+        assert_eq!(
+            CloseReason::ClientProtocolError.failed_side(),
+            Some(Side::Client)
+        );
         assert_eq!(CloseReason::ClientDead.failed_side(), Some(Side::Client));
         assert_eq!(CloseReason::Completed.failed_side(), None);
     }

@@ -3,6 +3,8 @@
 pub mod accept;
 pub mod close;
 mod direction;
+pub mod limit;
+mod proxy_header;
 pub mod registry;
 pub mod relay;
 pub mod watchdog;
@@ -16,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::field;
 
-use crate::config::{OnPeerFailure, Route};
+use crate::config::{OnPeerFailure, Route, SendProxy};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
@@ -45,6 +47,19 @@ pub struct RouteState {
     pub metrics: RouteMetrics,
     /// Timers and watchdog settings every pair of the route shares.
     pub limits: RelayLimits,
+    /// The route's `max_connections` slots; `None` when unlimited.
+    pub max_connections: Option<Arc<limit::Limit>>,
+}
+
+/// The slots of a route with `max_connections`, recording into its metrics.
+pub fn route_limit(route: &Route, metrics: &RouteMetrics) -> Option<Arc<limit::Limit>> {
+    route.max_connections.map(|max| {
+        Arc::new(limit::Limit::new(
+            max,
+            metrics.at_limit.clone(),
+            metrics.limit_reached.clone(),
+        ))
+    })
 }
 
 /// The metric series of route `name`, with every close reason and both sides.
@@ -63,6 +78,9 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 /// for the pair's whole life: a live span costs its formatted fields in the
 /// subscriber, which would be most of an idle pair's memory. It is entered
 /// while connecting, and made again for the close event, with the same fields.
+///
+/// On a route with `max_connections`, the accept loop took a slot for the
+/// pair; the pair's [`Close`] gives it back.
 pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
@@ -70,7 +88,7 @@ pub fn run(
     cancel: CancellationToken,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
-    let who = PairId { id, client_addr };
+    let mut who = PairId { id, client_addr };
     // An async block rather than an async fn: an async fn moves its arguments
     // into locals and keeps both copies in the task, which would cost every
     // pair a second copy of its client socket and addresses.
@@ -81,6 +99,46 @@ pub fn run(
         let upstream: TcpStream;
         let registration = route.registry.register(who.id, route.name.clone(), &client);
         let stats = registration.stats();
+
+        // The PROXY header comes first on the socket, before anything else
+        // (TLS included) looks at it. Boxed: its state lives only until then.
+        // The header's destination (the address the client connected to) is
+        // not declared before this await, where it would hold a slot in the task.
+        let destination = match route.route.client.proxy_protocol {
+            None => None,
+            Some(timeout) => {
+                let received = Box::pin(async {
+                    tokio::select! {
+                        r = proxy_header::receive(&client, timeout) => Some(r),
+                        _ = cancel.cancelled() => None,
+                    }
+                })
+                .await;
+                let header = match received {
+                    Some(Ok(header)) => header,
+                    failed => {
+                        let (reason, detail) = match failed {
+                            Some(Err(e)) => (CloseReason::ClientProtocolError, Some(e.to_string())),
+                            _ => (CloseReason::Shutdown, None),
+                        };
+                        let close = Close {
+                            route: &route,
+                            stats: &stats,
+                            who: &who,
+                        };
+                        let end = RelayEnd::plain(reason);
+                        close.finish(registration, &client, None, &end, detail);
+                        return;
+                    }
+                };
+                // LOCAL, UNKNOWN and address-less families: the real peer applies.
+                header.addresses.map(|(source, dest)| {
+                    registration.set_proxied_client(source, who.client_addr);
+                    who.client_addr = source;
+                    dest
+                })
+            }
+        };
         let close = Close {
             route: &route,
             stats: &stats,
@@ -96,22 +154,56 @@ pub fn run(
         // whole life. The block keeps the connect result itself out of the
         // task's state during the relay.
         let (up_addr, _active) = {
-            let connected = Box::pin(async {
-                tokio::select! {
-                    c = connect::connect(&route.route.upstream, &route.pool) => Some(c),
-                    _ = cancel.cancelled() => None,
-                }
-            })
+            let send_proxy = route.route.upstream.send_proxy;
+            // `destination` moves into the boxed future (the rest is borrowed),
+            // so the task keeps no slot for it.
+            let connected = {
+                let (route, client, who, cancel) = (&route, &client, &who, &cancel);
+                Box::pin(async move {
+                    let c = tokio::select! {
+                        c = connect::connect(&route.route.upstream, &route.pool) => c,
+                        _ = cancel.cancelled() => return None,
+                    };
+                    // The PROXY header goes before any relayed byte (and before
+                    // a TLS handshake): the original client, and the address it
+                    // connected to (the received header's, else kaproxy's own).
+                    let Ok(c) = c else {
+                        return Some(c.map(|c| (c, None)));
+                    };
+                    // Only then: getsockname would cost every pair a syscall.
+                    let header = match send_proxy {
+                        SendProxy::Off => None,
+                        version => destination
+                            .or_else(|| client.local_addr().ok())
+                            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
+                    };
+                    let sent = match header {
+                        Some(h) => proxy_header::send(&c.stream, &h)
+                            .await
+                            .err()
+                            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
+                        None => None,
+                    };
+                    Some(Ok((c, sent)))
+                })
+            }
             .await;
             match connected {
-                Some(Ok(c)) => {
-                    log_failed_attempts(&who, &route.name, &c.failed);
+                Some(Ok((c, failed_send))) => {
+                    log_failed_attempts(&who, &route.name, &registration, &c.failed);
                     registration.set_upstream(&c.stream);
                     upstream = c.stream;
+                    if let Some(e) = failed_send {
+                        let detail = format!("sending the PROXY header: {e}");
+                        let end = RelayEnd::from_error(e);
+                        let up = Some((&upstream, c.addr));
+                        close.finish(registration, &client, up, &end, Some(detail));
+                        return;
+                    }
                     (c.addr, c.active)
                 }
                 Some(Err(e)) => {
-                    log_failed_attempts(&who, &route.name, &e.attempts);
+                    log_failed_attempts(&who, &route.name, &registration, &e.attempts);
                     let end = RelayEnd::plain(CloseReason::ConnectFailed);
                     close.finish(registration, &client, None, &end, Some(e.to_string()));
                     return;
@@ -136,11 +228,16 @@ pub fn run(
 
 /// One warning per failed connect attempt, in the pair's span, made only when
 /// there is something to say.
-fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttempt]) {
+fn log_failed_attempts(
+    who: &PairId,
+    route: &str,
+    registration: &registry::Registration<'_>,
+    failed: &[connect::FailedAttempt],
+) {
     if failed.is_empty() {
         return;
     }
-    let _span = who.span(route, None).entered();
+    let _span = who.span(route, None, registration.via()).entered();
     for a in failed {
         tracing::warn!(server = %a.server, error = %a.error, "upstream connect failed");
     }
@@ -150,18 +247,30 @@ fn log_failed_attempts(who: &PairId, route: &str, failed: &[connect::FailedAttem
 #[derive(Debug)]
 struct PairId {
     id: u64,
+    /// The original client: a received PROXY header's source, else the peer.
+    /// The directly connected peer is then kept by the registry (as `via`),
+    /// not here: the pair task's size is what an idle pair costs.
     client_addr: SocketAddr,
 }
 
 impl PairId {
-    fn span(&self, route: &str, upstream_addr: Option<SocketAddr>) -> tracing::Span {
+    fn span(
+        &self,
+        route: &str,
+        upstream_addr: Option<SocketAddr>,
+        via: Option<SocketAddr>,
+    ) -> tracing::Span {
         let span = tracing::info_span!(
             "pair",
             route,
             pair.id = self.id,
             client.addr = %self.client_addr,
+            via = field::Empty,
             upstream.addr = field::Empty,
         );
+        if let Some(via) = via {
+            span.record("via", field::display(via));
+        }
         if let Some(addr) = upstream_addr {
             span.record("upstream.addr", field::display(addr));
         }
@@ -169,11 +278,21 @@ impl PairId {
     }
 }
 
-/// What closing a pair needs besides the sockets.
+/// What closing a pair needs besides the sockets. Exactly one is made per
+/// pair, on every path, so its drop gives back the pair's `max_connections`
+/// slot (see [`limit::Slot::keep`]), a panic in the relay included.
 struct Close<'a> {
     route: &'a RouteState,
     stats: &'a RelayStats,
     who: &'a PairId,
+}
+
+impl Drop for Close<'_> {
+    fn drop(&mut self) {
+        if let Some(limit) = &self.route.max_connections {
+            limit.release();
+        }
+    }
 }
 
 impl Close<'_> {
@@ -188,6 +307,7 @@ impl Close<'_> {
         end: &RelayEnd,
         detail: Option<String>,
     ) {
+        let via = registration.via();
         drop(registration);
         // A stream cut short must never look complete to a survivor. Completed
         // and idle pairs have nothing waiting (idle never fires while data
@@ -240,8 +360,11 @@ impl Close<'_> {
         self.route
             .metrics
             .pair_closed(end.reason.index(), age.as_secs_f64(), detection);
-        let error = end.error.as_ref().map(|e| e.to_string()).or(detail);
-        let _span = self.who.span(&self.route.name, upstream_addr).entered();
+        let error = detail.or_else(|| end.error.as_ref().map(|e| e.to_string()));
+        let _span = self
+            .who
+            .span(&self.route.name, upstream_addr, via)
+            .entered();
         tracing::info!(
             reason = end.reason.as_str(),
             duration_ms = age.as_millis() as u64,

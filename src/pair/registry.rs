@@ -14,6 +14,7 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -33,6 +34,9 @@ const SHARDS: usize = 32;
 struct Fds {
     client: Option<RawFd>,
     upstream: Option<RawFd>,
+    /// The client a PROXY header named, shown instead of the socket's peer,
+    /// and that peer (`via`); boxed, so an entry without them pays a null pointer.
+    proxied: Option<Box<(SocketAddr, SocketAddr)>>,
 }
 
 #[derive(Debug)]
@@ -90,6 +94,17 @@ impl Registration<'_> {
         PairStats(self.entry.clone())
     }
 
+    /// Records the original client a PROXY header named, and the directly
+    /// connected peer, then shown as `via`.
+    pub fn set_proxied_client(&self, client: SocketAddr, via: SocketAddr) {
+        lock(&self.entry.fds).proxied = Some(Box::new((client, via)));
+    }
+
+    /// The directly connected peer, when a PROXY header named another client.
+    pub fn via(&self) -> Option<SocketAddr> {
+        lock(&self.entry.fds).proxied.as_ref().map(|p| p.1)
+    }
+
     /// Records the upstream socket once connected.
     pub fn set_upstream(&self, upstream: &TcpStream) {
         lock(&self.entry.fds).upstream = Some(upstream.as_raw_fd());
@@ -108,8 +123,11 @@ impl Drop for Registration<'_> {
 /// One side of a live pair as `/connections` shows it.
 #[derive(Debug, Serialize)]
 pub struct SideView {
-    /// The peer's address.
+    /// The peer's address: for a client, the one its PROXY header named.
     pub address: Option<String>,
+    /// The directly connected peer, when a PROXY header named another client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
     /// kaproxy's local address on this socket.
     pub local_address: Option<String>,
     /// TCP_INFO and keepalive settings now.
@@ -147,6 +165,7 @@ fn side_view(fd: RawFd) -> SideView {
     let snap = sockopt::snapshot(fd);
     SideView {
         address: peer.map(|a| a.to_string()),
+        via: None,
         local_address: local.map(|a| a.to_string()),
         tcp: snap.as_ref().ok().cloned(),
         error: snap.err().map(|e| e.to_string()),
@@ -157,7 +176,10 @@ impl Entry {
     /// Reads the pair's sockets now; `None` if it has unregistered since it was listed.
     fn view(&self) -> Option<PairView> {
         let fds = lock(&self.fds);
-        let client = side_view(fds.client?);
+        let mut client = side_view(fds.client?);
+        if let Some(proxied) = &fds.proxied {
+            client.via = client.address.replace(proxied.0.to_string());
+        }
         let upstream = fds.upstream.map(side_view);
         drop(fds);
         let stats = &self.stats;
@@ -237,6 +259,7 @@ impl Registry {
             fds: Mutex::new(Fds {
                 client: Some(client.as_raw_fd()),
                 upstream: None,
+                proxied: None,
             }),
         });
         lock(self.shard(id)).insert(id, entry.clone());

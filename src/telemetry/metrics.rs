@@ -82,6 +82,10 @@ pub struct RouteMetrics {
     detection: [Histogram; 2],
     /// Byte counters, which the relay adds to as it writes.
     pub bytes: RouteBytes,
+    /// 1 while every slot of the route's `max_connections` is taken.
+    pub at_limit: Gauge,
+    /// Times the route took its last free slot.
+    pub limit_reached: Counter,
 }
 
 impl RouteMetrics {
@@ -119,6 +123,8 @@ pub struct Metrics {
     upstream_up: Family<ServerLabels, Gauge>,
     pair_duration: Family<RouteLabel, Histogram, Buckets>,
     detection: Family<SideLabels, Histogram, Buckets>,
+    at_limit: Family<RouteLabel, Gauge>,
+    limit_reached: Family<RouteLabel, Counter>,
     log_dropped: Counter,
 }
 
@@ -147,6 +153,8 @@ impl Metrics {
             upstream_up: Family::default(),
             pair_duration: Family::new_with_constructor(Buckets(duration_buckets)),
             detection: Family::new_with_constructor(Buckets(detection_buckets)),
+            at_limit: Family::default(),
+            limit_reached: Family::default(),
             log_dropped: Counter::default(),
             registry: Registry::default(),
         };
@@ -189,6 +197,16 @@ impl Metrics {
             "dead_peer_detection_seconds",
             "Time from the last thing heard from a side (its last ACK) to the moment its death was declared",
             m.detection.clone(),
+        );
+        registry.register(
+            "route_at_limit",
+            "1 while the route holds max_connections live pairs and accepts no more (clients wait in the listen backlog), else 0",
+            m.at_limit.clone(),
+        );
+        registry.register(
+            "route_limit_reached",
+            "Times the route reached max_connections (took its last free slot)",
+            m.limit_reached.clone(),
         );
         registry.register(
             "log_lines_dropped",
@@ -284,6 +302,14 @@ impl Metrics {
                 client_to_upstream: bytes("client_to_upstream"),
                 upstream_to_client: bytes("upstream_to_client"),
             },
+            at_limit: self
+                .at_limit
+                .get_or_create(&Self::route_label(route))
+                .clone(),
+            limit_reached: self
+                .limit_reached
+                .get_or_create(&Self::route_label(route))
+                .clone(),
         }
     }
 

@@ -16,6 +16,7 @@ use serde_json::Value;
 
 pub mod nat;
 pub mod netns;
+pub mod peers;
 
 /// Path of the binary under test.
 pub fn bin() -> PathBuf {
@@ -48,6 +49,16 @@ impl Proxy {
 
     /// As [`Proxy::start`], with extra environment variables for kaproxy.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
+        Proxy::start_under(config, env, None)
+    }
+
+    /// As [`Proxy::start`], started by `bash -c "{shell}; exec kaproxy ..."`,
+    /// e.g. to lower a resource limit first.
+    pub fn start_after_shell(config: &str, shell: &str) -> Proxy {
+        Proxy::start_under(config, &[], Some(shell))
+    }
+
+    fn start_under(config: &str, env: &[(&str, &str)], shell: Option<&str>) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("kaproxy.toml");
         // Every test proxy gets its own admin port, so parallel tests never clash on 9901.
@@ -58,7 +69,16 @@ impl Proxy {
         };
         std::fs::write(&path, &config).expect("write config");
         let expected = config.matches("[[route]]").count();
-        let mut cmd = Command::new(bin());
+        let mut cmd = match shell {
+            Some(shell) => {
+                let mut c = Command::new("bash");
+                c.arg("-c")
+                    .arg(format!("{shell} && exec \"$0\" \"$@\""))
+                    .arg(bin());
+                c
+            }
+            None => Command::new(bin()),
+        };
         cmd.args(["--log-format", "json", "run", "-c"]).arg(&path);
         cmd.envs(env.iter().copied());
         Proxy::spawn(cmd, expected, dir, path)
@@ -141,6 +161,11 @@ impl Proxy {
             .find(|v| message(v) == "admin listening")
             .and_then(|v| v["address"].as_str()?.parse().ok());
         proxy
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
     }
 
     /// The admin endpoint's bound address.
