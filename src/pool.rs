@@ -146,6 +146,22 @@ impl Pool {
     /// When no server is eligible, all of them are tried anyway (fail-open):
     /// refusing every client would turn a health-check problem into an outage.
     pub fn plan(&self) -> Vec<usize> {
+        self.plan_with(&mut lock(&self.state))
+    }
+
+    /// As [`Pool::plan`], and the first attempt is counted before the balance
+    /// state's lock is released: pairs planned at the same moment on two
+    /// workers would otherwise both see the same idle server, and
+    /// least-connections would send both there.
+    pub fn plan_counting_first(&self) -> (Vec<usize>, Option<ActiveGuard<'_>>) {
+        let mut state = lock(&self.state);
+        let plan = self.plan_with(&mut state);
+        let first = plan.first().map(|&i| self.acquire(i));
+        drop(state);
+        (plan, first)
+    }
+
+    fn plan_with(&self, state: &mut BalanceState) -> Vec<usize> {
         let now = Instant::now();
         let snapshot = |i: usize, s: &ServerState| Candidate {
             index: i,
@@ -168,7 +184,7 @@ impl Pool {
                 .map(|(i, s)| snapshot(i, s))
                 .collect();
         }
-        let order = balance::order(self.balance, &candidates, &mut lock(&self.state));
+        let order = balance::order(self.balance, &candidates, state);
         let attempts = match self.retries {
             Some(r) => r as usize + 1,
             None => self.servers.len(),
@@ -489,6 +505,29 @@ mod tests {
         let mut plan = p.plan();
         plan.sort_unstable();
         assert_eq!(plan, vec![0, 1, 2], "every server still tried");
+    }
+
+    #[test]
+    fn plans_made_together_count_their_first_attempt_before_the_next_is_made() {
+        let p = pool(2, Balance::LeastConnections, EJECT);
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let p = &p;
+                move || {
+                    let (plan, guard) = p.plan_counting_first();
+                    assert!(guard.is_some());
+                    (plan[0], guard)
+                }
+            })
+            .collect();
+        let firsts: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = threads.into_iter().map(|t| s.spawn(t)).collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_ne!(
+            firsts[0].0, firsts[1].0,
+            "two planners never share the idle server"
+        );
     }
 
     #[test]

@@ -61,13 +61,14 @@ pub async fn connect<'a>(
     pool: &'a Pool,
 ) -> Result<Connected<'a>, ConnectError> {
     let mut attempts = Vec::new();
-    for index in pool.plan() {
+    let (plan, mut first) = pool.plan_counting_first();
+    for index in plan {
         let server = &pool.servers[index].spec.addr;
         let started = Instant::now();
         // Counted from the start, not once connected: otherwise a server that
         // accepts slowly looks idle to least-connections and draws every new
         // connection until its own connects finish.
-        let active = pool.acquire(index);
+        let active = first.take().unwrap_or_else(|| pool.acquire(index));
         match connect_one(server, &spec.keepalive, spec.connect_timeout).await {
             Ok((stream, addr)) => {
                 pool.connect_succeeded(index);
