@@ -169,6 +169,8 @@ pub struct PeerActivity {
     pub since_last_data: Duration,
     /// Keepalive probes sent and not answered since the last ACK (tcpi_probes).
     pub unanswered_probes: u8,
+    /// The peer has sent its FIN (CLOSE_WAIT), whether or not it was read yet.
+    pub peer_closed: bool,
 }
 
 impl PeerActivity {
@@ -190,6 +192,8 @@ where
         since_last_ack: Duration::from_millis(u64::from(info.tcpi_last_ack_recv)),
         since_last_data: Duration::from_millis(u64::from(info.tcpi_last_data_recv)),
         unanswered_probes: info.tcpi_probes,
+        // CLOSE_WAIT: the peer's FIN arrived (include/net/tcp_states.h).
+        peer_closed: tcp_state_name(info.tcpi_state) == "close_wait",
     })
 }
 

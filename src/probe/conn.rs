@@ -77,6 +77,8 @@ pub async fn watch(
     let due = opened + target;
     loop {
         tokio::select! {
+            // A FIN that is already there wins over a timer due at the same moment.
+            biased;
             r = stream.read(&mut buf) => match r {
                 Ok(0) => return Ok(Verdict::ServerClosed { idle: last_heard.elapsed() }),
                 Ok(_) => last_heard = Instant::now(),
@@ -93,6 +95,13 @@ pub async fn watch(
     }
 
     let before = sockopt::peer_activity(&stream)?;
+    // The server's FIN may have come just before the probe was due, after the
+    // read above last looked: its own timeout, not talk that spoils the flow.
+    if before.peer_closed {
+        return Ok(Verdict::ServerClosed {
+            idle: last_heard.elapsed().saturating_sub(before.since_last_ack),
+        });
+    }
     let idle = before.idle();
     if idle < MIN_IDLE {
         return Err(ConnError::ServerTalks(idle));

@@ -63,7 +63,11 @@ pub fn isolated(name: &str, body: impl FnOnce()) {
 /// (`ip netns add`, see `nat`), which takes mounts under /run/netns.
 pub fn isolated_with_named_netns(name: &str, body: impl FnOnce()) {
     if std::env::var_os(CHILD_ENV).is_none() && why_not_possible(false).is_none() {
-        let trial = format!("kaproxy-t-{}-trial", std::process::id());
+        // Unique per call: the tests of one binary run in parallel, and a shared
+        // name made all but one trial fail with "File exists".
+        static TRIALS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = TRIALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let trial = format!("kaproxy-t-{}-trial-{n}", std::process::id());
         let ok = sh_ok("ip", &["netns", "add", &trial]);
         let _ = sh_ok("ip", &["netns", "del", &trial]);
         if !ok {
