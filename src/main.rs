@@ -122,15 +122,9 @@ fn main() -> ExitCode {
 
     // Pairs run on the worker threads (kaproxy::workers); this thread only
     // starts them and serves signals, health checks and the admin endpoint.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(serve(config, cli.workers)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -140,6 +134,17 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// A single-threaded runtime for this thread, or the exit code after saying why not.
+fn current_thread_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        })
 }
 
 /// `kaproxy probe`: no logging set up, the output is the report itself.
@@ -152,15 +157,9 @@ fn probe(args: &kaproxy::cli::ProbeArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(EXIT_RUNTIME);
-        }
+        Err(code) => return code,
     };
     let mut progress = report::StderrProgress::new(args.json);
     match runtime.block_on(kaproxy::probe::run(&args.server, settings, &mut progress)) {

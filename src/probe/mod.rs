@@ -214,7 +214,7 @@ async fn run_round(
         }
     }
     let opened = Instant::now();
-    let longest = *targets.last().expect("a round has targets") + VERDICT_WAIT;
+    let longest = targets.last().copied().unwrap_or_default() + VERDICT_WAIT;
     progress.round_started(number, targets, longest);
 
     let mut set = JoinSet::new();
