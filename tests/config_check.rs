@@ -37,7 +37,7 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "unknown key in keepalive",
         "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client]\nkeepalive = { idel = \"5s\" }\n[route.upstream]\nservers = [\"a:1\"]\n",
         5,
-        "route.client.keepalive.idel",
+        "route \"web\".client.keepalive.idel",
         "unknown field `idel`",
     ),
     ("unknown top-level table", "[admn]\nlisten = \"x\"\n", 1, "admn", "unknown field `admn`"),
@@ -128,7 +128,7 @@ const BAD: &[(&str, &str, usize, &str, &str)] = &[
         "wrong type",
         "[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\nkeepalive = { probes = \"three\" }\n",
         6,
-        "route.upstream.keepalive.probes",
+        "route \"web\".upstream.keepalive.probes",
         "invalid type",
     ),
     (
@@ -603,5 +603,37 @@ fn a_bad_override_names_its_variable() {
             stderr.contains(words),
             "{var}={value}: expected {words:?} in {stderr}"
         );
+    }
+}
+
+/// Every depth, as a table header, a key and an inline table: the path names
+/// the route (by name, else by index) and every level down to the bad key.
+#[test]
+fn unknown_keys_and_tables_are_named_by_their_full_path_at_every_depth() {
+    let up = "[route.upstream]\nservers = [\"127.0.0.1:9\"]\n";
+    let cases: Vec<(String, usize, &str)> = vec![
+        ("bogus = 1\n".into(), 1, "bogus"),
+        ("[admin]\nlistn = \"x\"\n".into(), 2, "admin.listn"),
+        ("[defaults]\nidle = \"1s\"\n".into(), 2, "defaults.idle"),
+        ("[defaults.clint]\n".into(), 1, "defaults.clint"),
+        ("[defaults.client.keepalive]\nidel = \"1s\"\n".into(), 2, "defaults.client.keepalive.idel"),
+        ("[defaults.upstream.health_check]\nintervl = \"1s\"\n".into(), 2, "defaults.upstream.health_check.intervl"),
+        ("[defaults.upstream]\npassive_ejection = { after = 3 }\n".into(), 2, "defaults.upstream.passive_ejection.after"),
+        (format!("[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\ncolour = 1\n{up}"), 4, "route \"web\".colour"),
+        (format!("[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client.tlz]\nx = 1\n{up}"), 4, "route \"web\".client.tlz"),
+        (format!("[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n[route.client.keepalive]\nprobs = 3\n{up}"), 5, "route \"web\".client.keepalive.probs"),
+        (format!("[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{up}[route.upstream.health_check]\npth = \"/\"\n"), 7, "route \"web\".upstream.health_check.pth"),
+        ("[[route]]\nname = \"a\"\nupstream = { servers = [\"1.2.3.4:5\"], keepalive = { idle = \"1s\", bad = 2 } }\n".into(), 3, "route \"a\".upstream.keepalive.bad"),
+        // The second route, and a route without a name, by index.
+        (format!("[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n{up}[[route]]\nname = \"b\"\n[route.upstreem]\n"), 8, "route \"b\".upstreem"),
+        (format!("[[route]]\nname = \"a\"\nlisten = \"127.0.0.1:0\"\n{up}[[route]]\nlisten = \"127.0.0.1:0\"\n[route.client]\nx = 1\n"), 9, "route[1].client.x"),
+        // A value of the wrong type inside an inline table.
+        (format!("[[route]]\nname = \"web\"\nlisten = \"127.0.0.1:0\"\n{up}health_check = {{ path = \"/\", interval = 5 }}\n"), 6, "route \"web\".upstream.health_check.interval"),
+    ];
+    for (text, line, field) in cases {
+        let (code, _, stderr, path) = check_text(&text);
+        assert_eq!(code, 64, "{text}\n{stderr}");
+        let want = format!("error: {path}:{line}: {field}: ");
+        assert!(stderr.starts_with(&want), "{text}\nexpected to start with {want:?}, got:\n{stderr}");
     }
 }

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use toml::Spanned;
+
 use super::raw::SStr;
 use super::{ConfigError, Location};
 
@@ -80,7 +82,8 @@ pub(super) fn toml_error(ctx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
         ctx.text
     };
     let snippet = source.get(span.clone()).unwrap_or("").trim().to_string();
-    let field = field_at(source, span.start, &snippet);
+    let field = field_path(source, span.start)
+        .unwrap_or_else(|| field_at(source, span.start, &snippet));
     let message = e.message().trim().to_string();
     let hint = if message.starts_with("unknown field") {
         if in_env {
@@ -98,6 +101,65 @@ pub(super) fn toml_error(ctx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
         field,
         problem: message,
         hint,
+    }
+}
+
+/// Dotted path of the key or value at `offset`, found in the parsed document
+/// rather than guessed from the text, so that a table header, an inline table
+/// and an array of tables are all named right. An element of `[[route]]` is
+/// named by its `name` when it has one, else by its index; other array
+/// elements by index. `None` when the text does not parse as TOML (a syntax
+/// error): then only a guess from the text is possible.
+pub(super) fn field_path(text: &str, offset: usize) -> Option<String> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut parts = Vec::new();
+    in_table(doc.get_ref(), offset, &mut parts).then(|| parts.join("."))
+}
+
+fn in_table(table: &toml::de::DeTable<'_>, offset: usize, parts: &mut Vec<String>) -> bool {
+    for (key, value) in table.iter() {
+        let name = key.get_ref().to_string();
+        if key.span().contains(&offset) {
+            parts.push(name);
+            return true;
+        }
+        parts.push(name);
+        if in_value(value, offset, parts) {
+            return true;
+        }
+        parts.pop();
+    }
+    false
+}
+
+fn in_value(value: &Spanned<toml::de::DeValue<'_>>, offset: usize, parts: &mut Vec<String>) -> bool {
+    use toml::de::DeValue;
+    match value.get_ref() {
+        DeValue::Table(t) => in_table(t, offset, parts),
+        DeValue::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                let Some(last) = parts.pop() else {
+                    return false;
+                };
+                let named = match item.get_ref() {
+                    DeValue::Table(t) if last == "route" => t
+                        .get("name")
+                        .and_then(|n| n.get_ref().as_str())
+                        .map(|n| format!("route {n:?}")),
+                    _ => None,
+                };
+                parts.push(named.unwrap_or_else(|| format!("{last}[{i}]")));
+                if in_value(item, offset, parts) {
+                    return true;
+                }
+                parts.pop();
+                parts.push(last);
+            }
+            false
+        }
+        // Header-defined tables have no span of their own, so only a scalar's
+        // span is trusted to hold the offset.
+        _ => value.span().contains(&offset),
     }
 }
 
