@@ -11,6 +11,7 @@ mod path_limit;
 mod pool;
 mod raw;
 mod resolve;
+mod route;
 mod source;
 
 use std::fmt;

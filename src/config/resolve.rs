@@ -1,4 +1,6 @@
-//! Inheritance (route > `[defaults]` > built-in) and every range check, in one place.
+//! The whole document: the file and its environment overlay, the top-level
+//! tables, and the checks across routes (unique names, listen addresses that
+//! do not overlap). Each route's own fields are in `route.rs`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -6,34 +8,11 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::keepalive::{check_auto_user_timeout, keepalive_layer, KeepaliveLayer};
-use super::path_limit::{check_against_limit, parse_path_idle_limit, PathIdleLimit};
-use super::pool::{finish_pool, pool_layer, server_entry, PoolLayer};
-use super::raw::{Merge, RawConfig, RawOverlay, SStr};
-use super::source::{off_or_duration, positive_duration, toml_error, Ctx};
-use super::{
-    ClientSpec, Config, ConfigError, Location, OnPeerFailure, Route, SendProxy, UpstreamSpec,
-    DEFAULT_CONNECT_TIMEOUT, DEFAULT_HALF_CLOSE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_PROXY_PROTOCOL_TIMEOUT, DEFAULT_SHUTDOWN_GRACE, MAX_MAX_CONNECTIONS,
-};
-
-/// Route-level scalar settings as found at one level.
-#[derive(Default)]
-struct RouteLayer {
-    idle_timeout: Option<Option<Duration>>,
-    half_close_timeout: Option<Option<Duration>>,
-    on_peer_failure: Option<OnPeerFailure>,
-    connect_timeout: Option<Duration>,
-    max_connections: Option<Option<u32>>,
-    proxy_protocol: Option<bool>,
-    proxy_protocol_timeout: Option<Duration>,
-    send_proxy: Option<SendProxy>,
-    client: KeepaliveLayer,
-    upstream: KeepaliveLayer,
-    client_limit: Option<PathIdleLimit>,
-    upstream_limit: Option<PathIdleLimit>,
-    pool: PoolLayer,
-}
+use super::pool::server_entry;
+use super::raw::{Merge, RawConfig, RawOverlay};
+use super::route::{finish, RouteIdentity, RouteLayer};
+use super::source::{off_or_duration, toml_error, Ctx};
+use super::{Config, ConfigError, Location, DEFAULT_SHUTDOWN_GRACE};
 
 pub(super) fn resolve(
     file: &str,
@@ -109,84 +88,7 @@ pub(super) fn resolve(
     };
 
     let defaults = match &raw.defaults {
-        Some(d) => RouteLayer {
-            idle_timeout: d
-                .idle_timeout
-                .as_ref()
-                .map(|s| off_or_duration(&ctx, s, "defaults.idle_timeout"))
-                .transpose()?,
-            half_close_timeout: d
-                .half_close_timeout
-                .as_ref()
-                .map(|s| off_or_duration(&ctx, s, "defaults.half_close_timeout"))
-                .transpose()?,
-            on_peer_failure: d
-                .on_peer_failure
-                .as_ref()
-                .map(|s| on_peer_failure(&ctx, s, "defaults.on_peer_failure"))
-                .transpose()?,
-            connect_timeout: d
-                .upstream
-                .as_ref()
-                .and_then(|u| u.connect_timeout.as_ref())
-                .map(|s| positive_duration(&ctx, s, "defaults.upstream.connect_timeout"))
-                .transpose()?,
-            max_connections: d
-                .max_connections
-                .as_ref()
-                .map(|n| max_connections(&ctx, n, "defaults.max_connections"))
-                .transpose()?,
-            proxy_protocol: d
-                .client
-                .as_ref()
-                .and_then(|c| c.proxy_protocol.as_ref())
-                .map(|b| *b.get_ref()),
-            proxy_protocol_timeout: d
-                .client
-                .as_ref()
-                .and_then(|c| c.proxy_protocol_timeout.as_ref())
-                .map(|s| positive_duration(&ctx, s, "defaults.client.proxy_protocol_timeout"))
-                .transpose()?,
-            send_proxy: d
-                .upstream
-                .as_ref()
-                .and_then(|u| u.send_proxy.as_ref())
-                .map(|s| send_proxy(&ctx, s, "defaults.upstream.send_proxy"))
-                .transpose()?,
-            client: keepalive_layer(
-                &ctx,
-                d.client.as_ref().and_then(|c| c.keepalive.as_ref()),
-                "defaults.client.keepalive",
-            )?,
-            upstream: keepalive_layer(
-                &ctx,
-                d.upstream.as_ref().and_then(|u| u.keepalive.as_ref()),
-                "defaults.upstream.keepalive",
-            )?,
-            client_limit: d
-                .client
-                .as_ref()
-                .and_then(|c| c.path_idle_limit.as_ref())
-                .map(|s| path_limit(&ctx, s, "defaults.client.path_idle_limit"))
-                .transpose()?,
-            upstream_limit: d
-                .upstream
-                .as_ref()
-                .and_then(|u| u.path_idle_limit.as_ref())
-                .map(|s| path_limit(&ctx, s, "defaults.upstream.path_idle_limit"))
-                .transpose()?,
-            pool: match d.upstream.as_ref() {
-                Some(u) => pool_layer(
-                    &ctx,
-                    u.balance.as_ref(),
-                    u.retries.as_ref(),
-                    u.health_check.as_ref(),
-                    u.passive_ejection.as_ref(),
-                    "defaults.upstream",
-                )?,
-                None => PoolLayer::default(),
-            },
-        },
+        Some(d) => RouteLayer::read(&ctx, d.into(), "defaults")?,
         None => RouteLayer::default(),
     };
 
@@ -316,158 +218,14 @@ pub(super) fn resolve(
             }
         };
 
-        let layer = RouteLayer {
-            idle_timeout: r
-                .idle_timeout
-                .as_ref()
-                .map(|s| off_or_duration(&ctx, s, &at("idle_timeout")))
-                .transpose()?,
-            half_close_timeout: r
-                .half_close_timeout
-                .as_ref()
-                .map(|s| off_or_duration(&ctx, s, &at("half_close_timeout")))
-                .transpose()?,
-            on_peer_failure: r
-                .on_peer_failure
-                .as_ref()
-                .map(|s| on_peer_failure(&ctx, s, &at("on_peer_failure")))
-                .transpose()?,
-            connect_timeout: upstream_raw
-                .and_then(|u| u.connect_timeout.as_ref())
-                .map(|s| positive_duration(&ctx, s, &at("upstream.connect_timeout")))
-                .transpose()?,
-            max_connections: r
-                .max_connections
-                .as_ref()
-                .map(|n| max_connections(&ctx, n, &at("max_connections")))
-                .transpose()?,
-            proxy_protocol: r
-                .client
-                .as_ref()
-                .and_then(|c| c.proxy_protocol.as_ref())
-                .map(|b| *b.get_ref()),
-            proxy_protocol_timeout: r
-                .client
-                .as_ref()
-                .and_then(|c| c.proxy_protocol_timeout.as_ref())
-                .map(|s| positive_duration(&ctx, s, &at("client.proxy_protocol_timeout")))
-                .transpose()?,
-            send_proxy: upstream_raw
-                .and_then(|u| u.send_proxy.as_ref())
-                .map(|s| send_proxy(&ctx, s, &at("upstream.send_proxy")))
-                .transpose()?,
-            client: keepalive_layer(
-                &ctx,
-                r.client.as_ref().and_then(|c| c.keepalive.as_ref()),
-                &at("client.keepalive"),
-            )?,
-            upstream: keepalive_layer(
-                &ctx,
-                upstream_raw.and_then(|u| u.keepalive.as_ref()),
-                &at("upstream.keepalive"),
-            )?,
-            client_limit: r
-                .client
-                .as_ref()
-                .and_then(|c| c.path_idle_limit.as_ref())
-                .map(|s| path_limit(&ctx, s, &at("client.path_idle_limit")))
-                .transpose()?,
-            upstream_limit: upstream_raw
-                .and_then(|u| u.path_idle_limit.as_ref())
-                .map(|s| path_limit(&ctx, s, &at("upstream.path_idle_limit")))
-                .transpose()?,
-            pool: match upstream_raw {
-                Some(u) => pool_layer(
-                    &ctx,
-                    u.balance.as_ref(),
-                    u.retries.as_ref(),
-                    u.health_check.as_ref(),
-                    u.passive_ejection.as_ref(),
-                    &at("upstream"),
-                )?,
-                None => PoolLayer::default(),
-            },
-        };
-        let pool = finish_pool(
-            &ctx,
-            layer.pool.clone(),
-            defaults.pool.clone(),
-            &at("upstream"),
-        )?;
-
-        let client_keepalive = layer.client.over(defaults.client).finish();
-        let upstream_keepalive = layer.upstream.over(defaults.upstream).finish();
-        let client_limit = layer.client_limit.or(defaults.client_limit);
-        let upstream_limit = layer.upstream_limit.or(defaults.upstream_limit);
-        for (side, spec, limit) in [
-            ("client", &client_keepalive, &client_limit),
-            ("upstream", &upstream_keepalive, &upstream_limit),
-        ] {
-            if let Err((problem, hint)) = check_auto_user_timeout(spec) {
-                return ctx.err(
-                    route_span.clone(),
-                    &at(&format!("{side}.keepalive.user_timeout")),
-                    problem,
-                    hint,
-                );
-            }
-            // Checked on the finished spec: the limit and the keepalive may
-            // each come from the route or from [defaults].
-            if let Some(limit) = limit {
-                let table = format!("{side}.keepalive");
-                if let Err((problem, hint)) = check_against_limit(spec, limit, &table) {
-                    return ctx.err(route_span.clone(), &at(&table), problem, hint);
-                }
-            }
-        }
-        routes.push(Route {
+        let layer = RouteLayer::read(&ctx, r.into(), &format!("route \"{name}\""))?;
+        let id = RouteIdentity {
             name,
             listen,
-            client: ClientSpec {
-                keepalive: client_keepalive,
-                path_idle_limit: client_limit,
-                proxy_protocol: layer
-                    .proxy_protocol
-                    .or(defaults.proxy_protocol)
-                    .unwrap_or(false)
-                    .then(|| {
-                        layer
-                            .proxy_protocol_timeout
-                            .or(defaults.proxy_protocol_timeout)
-                            .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT)
-                    }),
-            },
-            upstream: UpstreamSpec {
-                servers,
-                balance: pool.balance,
-                retries: pool.retries,
-                health_check: pool.health_check,
-                ejection: pool.ejection,
-                connect_timeout: layer
-                    .connect_timeout
-                    .or(defaults.connect_timeout)
-                    .unwrap_or(DEFAULT_CONNECT_TIMEOUT),
-                keepalive: upstream_keepalive,
-                path_idle_limit: upstream_limit,
-                send_proxy: layer
-                    .send_proxy
-                    .or(defaults.send_proxy)
-                    .unwrap_or(SendProxy::Off),
-            },
-            idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
-            half_close_timeout: layer
-                .half_close_timeout
-                .or(defaults.half_close_timeout)
-                .unwrap_or(Some(DEFAULT_HALF_CLOSE_TIMEOUT)),
-            on_peer_failure: layer
-                .on_peer_failure
-                .or(defaults.on_peer_failure)
-                .unwrap_or(OnPeerFailure::Reset),
-            max_connections: layer
-                .max_connections
-                .or(defaults.max_connections)
-                .unwrap_or(Some(DEFAULT_MAX_CONNECTIONS)),
-        });
+            servers,
+            span: route_span,
+        };
+        routes.push(finish(&ctx, id, layer, &defaults)?);
     }
 
     if let Some(a) = admin {
@@ -542,56 +300,6 @@ fn listen_conflict(a: SocketAddr, b: SocketAddr) -> bool {
     a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified()
 }
 
-fn path_limit(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<PathIdleLimit, ConfigError> {
-    parse_path_idle_limit(s.get_ref())
-        .or_else(|(problem, hint)| ctx.err(s.span(), field, problem, hint))
-}
-
-fn on_peer_failure(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<OnPeerFailure, ConfigError> {
-    match s.get_ref().trim() {
-        "reset" => Ok(OnPeerFailure::Reset),
-        "close" => Ok(OnPeerFailure::Close),
-        other => ctx.err(
-            s.span(),
-            field,
-            format!("{other:?} is not a known action"),
-            "use \"reset\" (RST the survivor, the default) or \"close\" (FIN)",
-        ),
-    }
-}
-
-fn send_proxy(ctx: &Ctx<'_>, s: &SStr, field: &str) -> Result<SendProxy, ConfigError> {
-    match s.get_ref().trim() {
-        "off" => Ok(SendProxy::Off),
-        "v1" => Ok(SendProxy::V1),
-        "v2" => Ok(SendProxy::V2),
-        other => ctx.err(
-            s.span(),
-            field,
-            format!("{other:?} is not a PROXY protocol version"),
-            "use \"v1\" (text), \"v2\" (binary) or \"off\" (the default); the upstream must expect that header",
-        ),
-    }
-}
-
-/// `max_connections`: a whole number, 0 for unlimited.
-fn max_connections(
-    ctx: &Ctx<'_>,
-    n: &Spanned<i64>,
-    field: &str,
-) -> Result<Option<u32>, ConfigError> {
-    match *n.get_ref() {
-        0 => Ok(None),
-        v if v > 0 && v <= i64::from(MAX_MAX_CONNECTIONS) => Ok(Some(v as u32)),
-        v => ctx.err(
-            n.span(),
-            field,
-            format!("{v} is not a usable number of live pairs"),
-            format!("use a whole number from 1 to {MAX_MAX_CONNECTIONS}, or 0 for no limit"),
-        ),
-    }
-}
-
 /// Parses a listen address: an IP literal and a port (0 allowed).
 pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     s.trim()
@@ -602,6 +310,8 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{OnPeerFailure, SendProxy};
+    use std::time::Duration;
 
     const ROUTE: &str = "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"a:1\"]\n";
 
