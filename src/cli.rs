@@ -35,10 +35,17 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the proxy on a configuration file, in the foreground, until SIGTERM or SIGINT.
+    ///
+    /// SIGHUP reloads the configuration file; see also --watch.
     Run {
         /// Configuration file.
         #[arg(short = 'c', long = "config", env = "KAPROXY_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Also reload when the configuration file changes (editors that
+        /// replace the file and the symlink swap of a Kubernetes ConfigMap
+        /// included). Changes within half a second make one reload.
+        #[arg(long, env = "KAPROXY_WATCH")]
+        watch: bool,
     },
     /// Validate a configuration file and print each route's effective settings.
     Check {

@@ -12,7 +12,8 @@
 //! - [`probe`]: `kaproxy probe`, which measures the idle timeout of the path to a server.
 //! - [`workers`]: the worker threads, one single-threaded runtime each, where pairs live.
 //! - [`fdlimit`]: RLIMIT_NOFILE against what the routes' max_connections need.
-//! - [`app`]: wires routes to listeners and owns the shutdown path.
+//! - [`app`]: wires routes to listeners, applies reloads and owns the shutdown path.
+//! - [`watch`]: notices that the configuration file changed (`run --watch`).
 //! - [`cli`]: the command line, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,4 +30,5 @@ pub mod pair;
 pub mod pool;
 pub mod probe;
 pub mod telemetry;
+pub mod watch;
 pub mod workers;

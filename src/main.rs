@@ -1,6 +1,7 @@
 //! The `kaproxy` binary: parse the command line, set up logging, dispatch.
 //! Exit codes: 0 ok, 64 usage or configuration error (EX_USAGE), 1 runtime failure.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -44,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
 
-    let config = match cli.command {
+    let (config, watch) = match cli.command {
         Command::Check { config } => {
             return match Config::load(&config) {
                 Ok(cfg) => {
@@ -69,14 +70,14 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Command::Run { config } => match Config::load(&config) {
-            Ok(cfg) => cfg,
+        Command::Run { config, watch } => match Config::load(&config) {
+            Ok(cfg) => (cfg, watch.then_some(config)),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(EXIT_USAGE);
             }
         },
-        Command::Forward(args) => (*args).into_config(),
+        Command::Forward(args) => ((*args).into_config(), None),
         Command::Healthcheck { config } => {
             let cfg = match Config::load(&config) {
                 Ok(cfg) => cfg,
@@ -126,7 +127,7 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    match runtime.block_on(serve(config, cli.workers)) {
+    match runtime.block_on(serve(config, cli.workers, watch)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "kaproxy stopped");
@@ -178,14 +179,61 @@ fn probe(args: &kaproxy::cli::ProbeArgs) -> ExitCode {
     }
 }
 
-async fn serve(config: Config, workers: usize) -> anyhow::Result<()> {
+/// Changes to the watched file within this make one reload.
+const WATCH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+
+async fn serve(config: Config, workers: usize, watch: Option<PathBuf>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let app = App::start(config, workers).await?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut changes = match &watch {
+        Some(path) => Some(
+            kaproxy::watch::spawn(path)
+                .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", path.display()))?,
+        ),
+        None => None,
+    };
+    // What the file held at the last load: a watch event on an unchanged
+    // file (a touch, an unrelated file in the directory) reloads nothing.
+    let read = |p: &PathBuf| std::fs::read(p).ok();
+    let mut last_seen = watch.as_ref().and_then(read);
+    let mut app = App::start(config, workers).await?;
+    let mut due: Option<tokio::time::Instant> = None;
 
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let name = loop {
+        let debounce = async {
+            match due {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                let _ = app.reload("SIGHUP").await;
+                last_seen = watch.as_ref().and_then(read);
+            }
+            event = async {
+                match changes.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => match event {
+                Some(()) => due = Some(tokio::time::Instant::now() + WATCH_DEBOUNCE),
+                // The watch thread said why it stopped.
+                None => changes = None,
+            },
+            () = debounce => {
+                due = None;
+                let now = watch.as_ref().and_then(read);
+                // A file that is missing for a moment (mid-swap) is not a change.
+                if now.is_some() && now != last_seen {
+                    last_seen = now;
+                    let _ = app.reload("watch").await;
+                }
+            }
+        }
     };
     tracing::info!(
         signal = name,

@@ -24,7 +24,7 @@ pub struct ServerState {
     health: Mutex<Health>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Health {
     /// The last health check's outcome, as logged.
     last_check: Option<(bool, String)>,
@@ -74,8 +74,9 @@ pub struct CheckView {
 #[derive(Debug)]
 pub struct Pool {
     route: String,
-    /// Servers in configuration order.
-    pub servers: Vec<ServerState>,
+    /// Servers in configuration order. Shared: a reload's new pool keeps the
+    /// state of a server it still lists, and live pairs count against theirs.
+    pub servers: Vec<Arc<ServerState>>,
     balance: Balance,
     retries: Option<u32>,
     ejection: Ejection,
@@ -87,11 +88,11 @@ pub struct Pool {
 /// Keeps a server's active count up from the start of a connect attempt to it
 /// until the pair it becomes ends (or the attempt fails).
 #[derive(Debug)]
-pub struct ActiveGuard<'a> {
-    server: &'a ServerState,
+pub struct ActiveGuard {
+    server: Arc<ServerState>,
 }
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.server.active.fetch_sub(1, Ordering::Relaxed);
     }
@@ -106,6 +107,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Pool {
     /// A pool where every server starts eligible.
     pub fn new(route: &str, spec: &UpstreamSpec, metrics: Arc<Metrics>) -> Pool {
+        Pool::carrying_over(route, spec, metrics, None)
+    }
+
+    /// A pool for a reloaded route: a server that `old` also lists (same
+    /// address) keeps its health, ejection and active pairs; the others start
+    /// eligible. A server whose weight changed keeps its state too, in a new
+    /// entry, so that pairs still counted against the old entry stay counted
+    /// there.
+    pub fn carrying_over(
+        route: &str,
+        spec: &UpstreamSpec,
+        metrics: Arc<Metrics>,
+        old: Option<&Pool>,
+    ) -> Pool {
+        let known = |s: &Server| old.and_then(|p| p.servers.iter().find(|o| o.spec.addr == s.addr));
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
@@ -116,10 +132,13 @@ impl Pool {
             servers: spec
                 .servers
                 .iter()
-                .map(|s| ServerState {
-                    spec: s.clone(),
-                    active: AtomicUsize::new(0),
-                    health: Mutex::new(Health::default()),
+                .map(|s| match known(s) {
+                    Some(o) if o.spec == *s => o.clone(),
+                    o => Arc::new(ServerState {
+                        spec: s.clone(),
+                        active: AtomicUsize::new(0),
+                        health: Mutex::new(o.map(|o| lock(&o.health).clone()).unwrap_or_default()),
+                    }),
                 })
                 .collect(),
             balance: spec.balance,
@@ -153,7 +172,7 @@ impl Pool {
     /// state's lock is released: pairs planned at the same moment on two
     /// workers would otherwise both see the same idle server, and
     /// least-connections would send both there.
-    pub fn plan_counting_first(&self) -> (Vec<usize>, Option<ActiveGuard<'_>>) {
+    pub fn plan_counting_first(&self) -> (Vec<usize>, Option<ActiveGuard>) {
         let mut state = lock(&self.state);
         let plan = self.plan_with(&mut state);
         let first = plan.first().map(|&i| self.acquire(i));
@@ -207,8 +226,8 @@ impl Pool {
 
     /// Counts a connect attempt to server `i`, and then its pair, until the guard
     /// is dropped.
-    pub fn acquire(&self, i: usize) -> ActiveGuard<'_> {
-        let server = &self.servers[i];
+    pub fn acquire(&self, i: usize) -> ActiveGuard {
+        let server = self.servers[i].clone();
         server.active.fetch_add(1, Ordering::Relaxed);
         ActiveGuard { server }
     }

@@ -634,6 +634,9 @@ fn unknown_keys_and_tables_are_named_by_their_full_path_at_every_depth() {
         let (code, _, stderr, path) = check_text(&text);
         assert_eq!(code, 64, "{text}\n{stderr}");
         let want = format!("error: {path}:{line}: {field}: ");
-        assert!(stderr.starts_with(&want), "{text}\nexpected to start with {want:?}, got:\n{stderr}");
+        assert!(
+            stderr.starts_with(&want),
+            "{text}\nexpected to start with {want:?}, got:\n{stderr}"
+        );
     }
 }

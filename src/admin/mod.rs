@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER};
@@ -48,8 +49,8 @@ const BUSY_RETRY_AFTER: &str = "1";
 pub struct AdminState {
     /// Cancelled once shutdown has begun: not ready any more, still observable.
     pub draining: CancellationToken,
-    /// Every route with its bound address.
-    pub routes: Vec<(Arc<RouteState>, SocketAddr)>,
+    /// Every route with its bound address; a reload stores a new list.
+    pub routes: ArcSwap<Vec<(Arc<RouteState>, SocketAddr)>>,
     /// Live pairs.
     pub registry: Arc<Registry>,
     /// Process metrics.
@@ -221,20 +222,23 @@ fn parse_query(query: Option<&str>) -> Result<HashMap<String, String>, String> {
 
 /// Servers that may get connections now, per route; the reasons a route is not ready.
 fn not_ready(state: &AdminState) -> Vec<serde_json::Value> {
-    state
-        .routes
-        .iter()
-        .filter(|(r, _)| !r.pool.any_up())
-        .map(|(r, _)| {
-            let servers: Vec<String> = (0..r.pool.servers.len())
-                .map(|i| {
-                    let v = r.pool.view(i);
-                    format!("{} {}", v.address, v.state)
-                })
-                .collect();
-            json!({ "route": r.route.name, "problem": format!("no server is up: {}", servers.join(", ")) })
-        })
-        .collect()
+    let routes = state.routes.load();
+    let mut problems = Vec::new();
+    for (r, _) in routes.iter() {
+        let live = r.live();
+        let pool = &live.pool;
+        if pool.any_up() {
+            continue;
+        }
+        let servers: Vec<String> = (0..pool.servers.len())
+            .map(|i| {
+                let v = pool.view(i);
+                format!("{} {}", v.address, v.state)
+            })
+            .collect();
+        problems.push(json!({ "route": &*r.name, "problem": format!("no server is up: {}", servers.join(", ")) }));
+    }
+    problems
 }
 
 fn readyz(state: &AdminState) -> Response<Body> {
@@ -254,12 +258,13 @@ fn readyz(state: &AdminState) -> Response<Body> {
 
 fn metrics(state: &AdminState) -> Response<Body> {
     // Up/down is a function of time as well (ejections expire), so it is read at scrape time.
-    for (r, _) in &state.routes {
-        for i in 0..r.pool.servers.len() {
-            let v = r.pool.view(i);
+    for (r, _) in state.routes.load().iter() {
+        let live = r.live();
+        for i in 0..live.pool.servers.len() {
+            let v = live.pool.view(i);
             state
                 .metrics
-                .set_upstream_up(&r.route.name, &v.address, v.state == "up");
+                .set_upstream_up(&r.name, &v.address, v.state == "up");
         }
     }
     respond(
@@ -288,7 +293,7 @@ async fn connections(
     };
     let route = query.get("route").cloned();
     if let Some(name) = &route {
-        if !state.routes.iter().any(|(r, _)| &r.route.name == name) {
+        if !state.routes.load().iter().any(|(r, _)| &*r.name == name) {
             return error(StatusCode::NOT_FOUND, &format!("no route named {name:?}"));
         }
     }
@@ -308,9 +313,11 @@ async fn connections(
     // `stall_timeout_ms`: those live in kaproxy, not in the socket.
     let watches: HashMap<String, [WatchSpec; 2]> = state
         .routes
+        .load()
         .iter()
         .map(|(r, _)| {
-            let route = &r.route;
+            let live = r.live();
+            let route = &live.route;
             (
                 route.name.clone(),
                 [
@@ -381,17 +388,20 @@ fn connections_json(
 fn upstreams(state: &AdminState) -> Response<Body> {
     let routes: Vec<serde_json::Value> = state
         .routes
+        .load()
         .iter()
         .map(|(r, addr)| {
-            let servers: Vec<_> = (0..r.pool.servers.len()).map(|i| r.pool.view(i)).collect();
+            let live = r.live();
+            let pool = &live.pool;
+            let servers: Vec<_> = (0..pool.servers.len()).map(|i| pool.view(i)).collect();
             json!({
-                "route": r.route.name,
+                "route": &*r.name,
                 "listen": addr.to_string(),
-                "balance": r.route.upstream.balance.as_str(),
-                "health_check": r.route.upstream.health_check.is_some(),
+                "balance": live.route.upstream.balance.as_str(),
+                "health_check": live.route.upstream.health_check.is_some(),
                 // null when unlimited.
-                "max_connections": r.max_connections.as_ref().map(|l| l.max()),
-                "slots_taken": r.max_connections.as_ref().map(|l| l.taken()),
+                "max_connections": r.max_connections.max(),
+                "slots_taken": r.max_connections.taken(),
                 "servers": servers,
             })
         })

@@ -76,7 +76,7 @@ pub struct Config {
 }
 
 /// One listener and where its connections go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
     /// Unique name, used in logs.
     pub name: String,

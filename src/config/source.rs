@@ -82,8 +82,8 @@ pub(super) fn toml_error(ctx: &Ctx<'_>, e: &toml::de::Error) -> ConfigError {
         ctx.text
     };
     let snippet = source.get(span.clone()).unwrap_or("").trim().to_string();
-    let field = field_path(source, span.start)
-        .unwrap_or_else(|| field_at(source, span.start, &snippet));
+    let field =
+        field_path(source, span.start).unwrap_or_else(|| field_at(source, span.start, &snippet));
     let message = e.message().trim().to_string();
     let hint = if message.starts_with("unknown field") {
         if in_env {
@@ -132,7 +132,11 @@ fn in_table(table: &toml::de::DeTable<'_>, offset: usize, parts: &mut Vec<String
     false
 }
 
-fn in_value(value: &Spanned<toml::de::DeValue<'_>>, offset: usize, parts: &mut Vec<String>) -> bool {
+fn in_value(
+    value: &Spanned<toml::de::DeValue<'_>>,
+    offset: usize,
+    parts: &mut Vec<String>,
+) -> bool {
     use toml::de::DeValue;
     match value.get_ref() {
         DeValue::Table(t) => in_table(t, offset, parts),

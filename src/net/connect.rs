@@ -39,7 +39,7 @@ fn describe(attempts: &[FailedAttempt]) -> String {
 
 /// A connected upstream socket and where it goes.
 #[derive(Debug)]
-pub struct Connected<'a> {
+pub struct Connected {
     /// The connected socket, upstream options already in force.
     pub stream: TcpStream,
     /// Index of the server in the route's list.
@@ -47,7 +47,7 @@ pub struct Connected<'a> {
     /// The address it resolved to.
     pub addr: SocketAddr,
     /// Counts the pair against its server; the pair holds it while it lives.
-    pub active: ActiveGuard<'a>,
+    pub active: ActiveGuard,
     /// Attempts that failed before this one, for the caller to log: logging
     /// them here would need the pair's span for every pair, failing or not.
     pub failed: Vec<FailedAttempt>,
@@ -56,10 +56,7 @@ pub struct Connected<'a> {
 /// Tries the servers the pool plans, each address within `connect_timeout`, and
 /// tells the pool how each attempt went (passive ejection). A failure a retry
 /// recovers from is invisible to the client.
-pub async fn connect<'a>(
-    spec: &UpstreamSpec,
-    pool: &'a Pool,
-) -> Result<Connected<'a>, ConnectError> {
+pub async fn connect(spec: &UpstreamSpec, pool: &Pool) -> Result<Connected, ConnectError> {
     let mut attempts = Vec::new();
     let (plan, mut first) = pool.plan_counting_first();
     for index in plan {

@@ -520,6 +520,54 @@ pub fn snapshot(fd: std::os::fd::RawFd) -> io::Result<SocketSnapshot> {
     })
 }
 
+/// Sets `spec` on a socket that is already open (a live pair's, or a
+/// listener's) and reads it back: unlike [`set_side`], keepalive may have to
+/// be turned off, and the values it had before are replaced. Linux applies
+/// TCP_KEEPIDLE, TCP_KEEPINTVL and TCP_KEEPCNT to an established connection
+/// from its next keepalive timer on; a listener passes them on to the
+/// sockets it accepts from then on.
+pub fn retune<S>(socket: &S, spec: &KeepaliveSpec) -> io::Result<()>
+where
+    S: std::os::fd::AsFd,
+{
+    let sock = SockRef::from(socket);
+    if spec.enabled {
+        let params = TcpKeepalive::new()
+            .with_time(spec.idle)
+            .with_interval(spec.interval)
+            .with_retries(spec.probes);
+        sock.set_tcp_keepalive(&params)?;
+    } else {
+        sock.set_keepalive(false)?;
+    }
+    let got = read_keepalive(socket)?;
+    let held = got.enabled == spec.enabled
+        && (!spec.enabled
+            || (got.idle == spec.idle
+                && got.interval == spec.interval
+                && got.probes == spec.probes));
+    if !held {
+        return Err(io::Error::other(format!(
+            "keepalive did not stick: asked for {spec:?}, the socket holds {got:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// [`retune`] on a live pair's socket; same contract on `fd` as [`snapshot`].
+pub fn retune_fd(fd: std::os::fd::RawFd, spec: &KeepaliveSpec) -> io::Result<()> {
+    retune(&raw::Borrowed(fd), spec)
+}
+
+/// Whether a setsockopt failed only because the socket's connection is gone
+/// (reset, or closed by the pair meanwhile): nothing to update there.
+pub fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::ENOTSOCK | libc::ENOTCONN | libc::ECONNRESET | libc::EINVAL)
+    )
+}
+
 /// Peer and local address of a socket a live pair owns (same contract as [`snapshot`]).
 pub fn addresses(fd: std::os::fd::RawFd) -> io::Result<(Option<SocketAddr>, Option<SocketAddr>)> {
     let fd = raw::Borrowed(fd);
@@ -563,8 +611,8 @@ mod raw {
 
     impl AsFd for Borrowed {
         fn as_fd(&self) -> BorrowedFd<'_> {
-            // SAFETY: `Borrowed` is only made by `snapshot` and `addresses`, whose
-            // caller (the pair registry) holds the pair's entry lock for the whole
+            // SAFETY: `Borrowed` is only made by `snapshot`, `addresses` and
+            // `retune_fd`, whose caller (the pair registry) holds the pair's entry lock for the whole
             // call with the number still set; the pair clears it under that lock
             // before closing the socket, so the descriptor stays open and the
             // pair's own while this borrow lives.

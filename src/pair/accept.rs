@@ -33,17 +33,20 @@ const ERROR_LOG_PERIOD: Duration = Duration::from_secs(5);
 /// connects are refused from then on. A route has one listener per worker, and
 /// `open` counts the route's listeners still open: the last one to close says
 /// that the route stopped accepting.
+///
+/// The listener is shared with the route's owner, which may retune its
+/// options (a reload) while the loop runs; it closes once both let go.
 pub async fn accept_loop(
-    listener: AsyncFd<std::net::TcpListener>,
+    listener: Arc<AsyncFd<std::net::TcpListener>>,
     open: Arc<AtomicUsize>,
     route: Arc<RouteState>,
     stop: CancellationToken,
     pairs: TaskTracker,
-    kill_pairs: CancellationToken,
 ) {
-    // Each pair waits on this token; a child per accept loop keeps those waits
-    // on this worker's own lock instead of one shared by every worker.
-    let kill_pairs = kill_pairs.child_token();
+    // Each pair waits on this token; a child of the route's per accept loop
+    // keeps those waits on this worker's own lock instead of one shared by
+    // every worker.
+    let kill_pairs = route.kill.child_token();
     let mut backoff = MIN_BACKOFF;
     let mut last_log: Option<Instant> = None;
     let mut suppressed = 0u64;
@@ -53,10 +56,10 @@ pub async fn accept_loop(
             r = listener.readable() => r,
         };
         let mut slot = None;
-        if let (Ok(_), Some(limit)) = (&ready, &route.max_connections) {
+        if ready.is_ok() {
             slot = tokio::select! {
                 _ = stop.cancelled() => break,
-                s = limit.acquire() => Some(s),
+                s = route.max_connections.acquire() => Some(s),
             };
         }
         let accepted = match ready {
@@ -94,7 +97,7 @@ pub async fn accept_loop(
                 let now = Instant::now();
                 if last_log.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_PERIOD) {
                     tracing::error!(
-                        route = %route.route.name,
+                        route = %route.name,
                         error = %e,
                         suppressed,
                         retry_in_ms = backoff.as_millis() as u64,
@@ -117,6 +120,6 @@ pub async fn accept_loop(
     // Closed before the log line, so anyone who sees it can rely on refusals.
     drop(listener);
     if open.fetch_sub(1, Ordering::AcqRel) == 1 {
-        tracing::info!(route = %route.route.name, "stopped accepting");
+        tracing::info!(route = %route.name, "stopped accepting");
     }
 }

@@ -78,11 +78,14 @@ pub enum CloseReason {
     ClientProtocolError,
     /// kaproxy shut down before the pair finished.
     Shutdown,
+    /// A configuration reload removed the pair's route, and the pair had not
+    /// finished within `shutdown_grace`.
+    RouteRemoved,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order ([`CloseReason::index`]).
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         CloseReason::Completed,
         CloseReason::ClientDead,
         CloseReason::UpstreamDead,
@@ -97,6 +100,7 @@ impl CloseReason {
         CloseReason::UpstreamStalled,
         CloseReason::ClientProtocolError,
         CloseReason::Shutdown,
+        CloseReason::RouteRemoved,
     ];
 
     /// Position in [`CloseReason::ALL`].
@@ -124,6 +128,7 @@ impl CloseReason {
             CloseReason::UpstreamStalled => "upstream_stalled",
             CloseReason::ClientProtocolError => "client_protocol_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::RouteRemoved => "route_removed",
         }
     }
 
@@ -143,14 +148,15 @@ impl CloseReason {
         }
     }
 
-    /// Whether the pair was cut by kaproxy itself (a timer or shutdown) while a
-    /// stream may still have been under way: such a close always resets, so
-    /// that no peer takes the cut for a complete stream.
+    /// Whether the pair was cut by kaproxy itself (a timer, shutdown or a
+    /// removed route) while a stream may still have been under way: such a
+    /// close always resets, so that no peer takes the cut for a complete stream.
     pub fn is_cut(self) -> bool {
         matches!(
             self,
             CloseReason::HalfCloseTimeout
                 | CloseReason::Shutdown
+                | CloseReason::RouteRemoved
                 | CloseReason::ClientStalled
                 | CloseReason::UpstreamStalled
         )

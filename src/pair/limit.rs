@@ -7,6 +7,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Semaphore;
 
+/// Permits of a route without a limit: more than any `max_connections` and
+/// far below the semaphore's maximum, so a route can switch between limited
+/// and unlimited on a reload with the same arithmetic.
+const UNLIMITED: usize = 1 << 33;
+
 /// The slots of one route.
 #[derive(Debug)]
 pub struct Limit {
@@ -14,13 +19,32 @@ pub struct Limit {
     /// without a slot. With several workers a loop can take one and then find
     /// that another worker took the client; such a slot goes straight back.
     slots: Semaphore,
-    max: u32,
+    counts: Mutex<Counts>,
+    at_limit: Gauge,
+    reached: Counter,
+}
+
+#[derive(Debug)]
+struct Counts {
+    /// `None`: unlimited.
+    max: Option<u32>,
     /// Slots held by live pairs. The gauge and the counter follow this, not
     /// the semaphore: a slot taken for a client another worker got must not
     /// make the route look full, then free, then full again.
-    live: Mutex<u32>,
-    at_limit: Gauge,
-    reached: Counter,
+    live: u32,
+    /// Slots a lowered limit still has to take back: taken ones cannot be
+    /// forgotten, so slots given back pay this first.
+    debt: usize,
+}
+
+impl Counts {
+    fn full(&self) -> bool {
+        self.max.is_some_and(|m| self.live >= m)
+    }
+}
+
+fn permits(max: Option<u32>) -> usize {
+    max.map_or(UNLIMITED, |m| m as usize)
 }
 
 /// A slot taken by an accept loop, given back when dropped unless
@@ -35,7 +59,7 @@ impl Slot {
     /// allocation size class (about 280 bytes of RSS per pair, measured).
     pub fn keep(mut self) {
         if let Some(limit) = self.0.take() {
-            limit.change_live(|n| n.saturating_add(1));
+            limit.change(|c| c.live = c.live.saturating_add(1));
         }
     }
 }
@@ -43,31 +67,58 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(limit) = self.0.take() {
-            limit.slots.add_permits(1);
+            limit.change(|c| limit.give_back(c));
         }
     }
 }
 
 impl Limit {
-    /// `max` slots, recording into the route's gauge and counter.
-    pub fn new(max: u32, at_limit: Gauge, reached: Counter) -> Limit {
+    /// `max` slots (`None`: unlimited), recording into the route's gauge and counter.
+    pub fn new(max: Option<u32>, at_limit: Gauge, reached: Counter) -> Limit {
         Limit {
-            slots: Semaphore::new(max as usize),
-            max,
-            live: Mutex::new(0),
+            slots: Semaphore::new(permits(max)),
+            counts: Mutex::new(Counts {
+                max,
+                live: 0,
+                debt: 0,
+            }),
             at_limit,
             reached,
         }
     }
 
-    /// The configured number of slots.
-    pub fn max(&self) -> u32 {
-        self.max
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The configured number of slots; `None`: unlimited.
+    pub fn max(&self) -> Option<u32> {
+        self.lock().max
     }
 
     /// Slots held by live pairs now.
     pub fn taken(&self) -> u32 {
-        *self.live.lock().unwrap_or_else(PoisonError::into_inner)
+        self.lock().live
+    }
+
+    /// A reload changed `max_connections`. Live pairs keep their slots; a
+    /// lower limit takes free slots back at once and the rest as pairs close.
+    pub fn set_max(&self, max: Option<u32>) {
+        self.change(|c| {
+            let (old, new) = (permits(c.max), permits(max));
+            if new >= old {
+                let mut add = new - old;
+                let paid = add.min(c.debt);
+                c.debt -= paid;
+                add -= paid;
+                self.slots.add_permits(add);
+            } else {
+                let cut = old - new;
+                let forgotten = self.slots.forget_permits(cut);
+                c.debt += cut - forgotten;
+            }
+            c.max = max;
+        });
     }
 
     /// Waits for a free slot and takes it.
@@ -84,17 +135,27 @@ impl Limit {
     pub fn release(&self) {
         // Counted down before the permit returns, so that a waiting accept
         // loop that takes it and keeps it counts the route full again.
-        self.change_live(|n| n.saturating_sub(1));
-        self.slots.add_permits(1);
+        self.change(|c| {
+            c.live = c.live.saturating_sub(1);
+            self.give_back(c);
+        });
     }
 
-    /// Changes the live count, and the gauge and counter with it, under one
+    fn give_back(&self, c: &mut Counts) {
+        if c.debt > 0 {
+            c.debt -= 1;
+        } else {
+            self.slots.add_permits(1);
+        }
+    }
+
+    /// Changes the counts, and the gauge and counter with them, under one
     /// lock so that the gauge always ends at the last count.
-    fn change_live(&self, f: impl FnOnce(u32) -> u32) {
-        let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
-        let was_full = *live >= self.max;
-        *live = f(*live);
-        let full = *live >= self.max;
+    fn change(&self, f: impl FnOnce(&mut Counts)) {
+        let mut c = self.lock();
+        let was_full = c.full();
+        f(&mut c);
+        let full = c.full();
         if full && !was_full {
             self.reached.inc();
         }
@@ -109,7 +170,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_last_kept_slot_sets_the_gauge_and_a_released_one_clears_it() {
-        let limit = Arc::new(Limit::new(2, Gauge::default(), Counter::default()));
+        let limit = Arc::new(Limit::new(Some(2), Gauge::default(), Counter::default()));
         limit.acquire().await.keep();
         assert_eq!((limit.taken(), limit.at_limit.get()), (1, 0));
         let b = limit.acquire().await;
@@ -143,7 +204,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_taken_for_a_client_another_worker_got_does_not_count() {
-        let limit = Arc::new(Limit::new(2, Gauge::default(), Counter::default()));
+        let limit = Arc::new(Limit::new(Some(2), Gauge::default(), Counter::default()));
         limit.acquire().await.keep();
         for _ in 0..3 {
             drop(limit.acquire().await);
@@ -154,5 +215,51 @@ mod tests {
         assert_eq!(limit.reached.get(), 1);
         let a = tokio::time::timeout(Duration::from_millis(50), limit.acquire()).await;
         assert!(a.is_err(), "no slot beyond the limit");
+    }
+
+    #[tokio::test]
+    async fn a_reload_can_lower_raise_and_lift_the_limit_while_pairs_live() {
+        let limit = Arc::new(Limit::new(Some(3), Gauge::default(), Counter::default()));
+        for _ in 0..3 {
+            limit.acquire().await.keep();
+        }
+        limit.set_max(Some(1));
+        assert_eq!((limit.taken(), limit.at_limit.get()), (3, 1));
+        let wait = |limit: &Arc<Limit>| {
+            let limit = limit.clone();
+            async move { tokio::time::timeout(Duration::from_millis(50), limit.acquire()).await }
+        };
+        limit.release();
+        limit.release();
+        assert!(
+            wait(&limit).await.is_err(),
+            "one live pair is the new limit"
+        );
+        limit.release();
+        let slot = wait(&limit)
+            .await
+            .expect("the last close frees the one slot");
+        slot.keep();
+        assert!(wait(&limit).await.is_err());
+        limit.set_max(Some(2));
+        wait(&limit).await.expect("raised: a slot").keep();
+        assert_eq!((limit.taken(), limit.at_limit.get()), (2, 1));
+        limit.set_max(None);
+        assert_eq!(limit.at_limit.get(), 0, "unlimited is never at the limit");
+        for _ in 0..100 {
+            wait(&limit).await.expect("unlimited").keep();
+        }
+        limit.set_max(Some(5));
+        assert_eq!((limit.taken(), limit.at_limit.get()), (102, 1));
+        for _ in 0..97 {
+            limit.release();
+        }
+        assert!(
+            wait(&limit).await.is_err(),
+            "5 live of 5: the closes paid the debt"
+        );
+        limit.release();
+        wait(&limit).await.expect("4 live of 5: a slot").keep();
+        assert_eq!((limit.taken(), limit.at_limit.get()), (5, 1));
     }
 }

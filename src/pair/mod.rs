@@ -11,9 +11,10 @@ pub mod watchdog;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::field;
@@ -30,36 +31,108 @@ use relay::{RelayEnd, RelayLimits, RelayStats};
 /// with RST while unread data is queued, which would defeat the FIN.
 const DRAIN_BEFORE_FIN: usize = 1024 * 1024;
 
-/// Shared per-route state the pair tasks read.
+/// Shared per-route state the pair tasks read. One per route name for the
+/// life of the route: a reload changes what [`RouteState::live`] returns, and
+/// live pairs see the change at their next look.
 #[derive(Debug)]
 pub struct RouteState {
-    /// The validated route.
-    pub route: Route,
     /// The route name, shared with registry entries.
     pub name: Arc<str>,
-    /// Its servers' live state.
-    pub pool: Arc<Pool>,
+    live: ArcSwap<LiveRoute>,
     /// Pair ids, unique within the process.
     pub ids: Arc<AtomicU64>,
     /// Live pairs of every route.
     pub registry: Arc<Registry>,
     /// This route's metric series, resolved once.
     pub metrics: RouteMetrics,
-    /// Timers and watchdog settings every pair of the route shares.
-    pub limits: RelayLimits,
-    /// The route's `max_connections` slots; `None` when unlimited.
-    pub max_connections: Option<Arc<limit::Limit>>,
+    /// The route's `max_connections` slots, resized by a reload.
+    pub max_connections: Arc<limit::Limit>,
+    /// Cancelled to close the route's pairs: at shutdown (a child of the
+    /// process-wide token), or when a reload removed the route.
+    pub kill: CancellationToken,
+    removed: AtomicBool,
 }
 
-/// The slots of a route with `max_connections`, recording into its metrics.
-pub fn route_limit(route: &Route, metrics: &RouteMetrics) -> Option<Arc<limit::Limit>> {
-    route.max_connections.map(|max| {
-        Arc::new(limit::Limit::new(
-            max,
-            metrics.at_limit.clone(),
-            metrics.limit_reached.clone(),
-        ))
-    })
+/// What a reload can change in a running route.
+#[derive(Debug)]
+pub struct LiveRoute {
+    /// The validated route.
+    pub route: Route,
+    /// Timers and watchdog settings every pair of the route shares, counted
+    /// from `since` for pairs older than that.
+    pub limits: RelayLimits,
+    /// Its servers' live state.
+    pub pool: Arc<Pool>,
+}
+
+impl RouteState {
+    /// A route as it starts; `kill` closes its pairs.
+    pub fn new(
+        route: Route,
+        pool: Arc<Pool>,
+        metrics: &Metrics,
+        ids: Arc<AtomicU64>,
+        registry: Arc<Registry>,
+        kill: CancellationToken,
+    ) -> RouteState {
+        let route_metrics = route_metrics(metrics, &route.name);
+        RouteState {
+            name: Arc::from(route.name.as_str()),
+            max_connections: Arc::new(limit::Limit::new(
+                route.max_connections,
+                route_metrics.at_limit.clone(),
+                route_metrics.limit_reached.clone(),
+            )),
+            live: ArcSwap::from_pointee(LiveRoute {
+                limits: RelayLimits::of(&route, None),
+                route,
+                pool,
+            }),
+            ids,
+            registry,
+            metrics: route_metrics,
+            kill,
+            removed: AtomicBool::new(false),
+        }
+    }
+
+    /// The route's settings now, held for as long as the caller needs them
+    /// (a connect), while a reload may already have stored newer ones.
+    pub fn live_full(&self) -> Arc<LiveRoute> {
+        self.live.load_full()
+    }
+
+    /// The route's settings now.
+    pub fn live(&self) -> arc_swap::Guard<Arc<LiveRoute>> {
+        self.live.load()
+    }
+
+    /// Makes `route` and `pool` the route's settings. New pairs follow them at
+    /// once; live pairs take the timers and watchdog settings, counted from
+    /// now, once woken (see [`Registry::wake_route`]).
+    pub fn set_live(&self, route: Route, pool: Arc<Pool>) {
+        self.max_connections.set_max(route.max_connections);
+        self.live.store(Arc::new(LiveRoute {
+            limits: RelayLimits::of(&route, Some(tokio::time::Instant::now())),
+            route,
+            pool,
+        }));
+    }
+
+    /// Marks the route removed by a reload, so that its pairs, when killed,
+    /// close as `route_removed` rather than `shutdown`.
+    pub fn mark_removed(&self) {
+        self.removed.store(true, Ordering::Relaxed);
+    }
+
+    /// The reason a pair of this route closes with when killed.
+    pub fn kill_reason(&self) -> CloseReason {
+        if self.removed.load(Ordering::Relaxed) {
+            CloseReason::RouteRemoved
+        } else {
+            CloseReason::Shutdown
+        }
+    }
 }
 
 /// The metric series of route `name`, with every close reason and both sides.
@@ -79,7 +152,7 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 /// subscriber, which would be most of an idle pair's memory. It is entered
 /// while connecting, and made again for the close event, with the same fields.
 ///
-/// On a route with `max_connections`, the accept loop took a slot for the
+/// The accept loop took one of the route's `max_connections` slots for the
 /// pair; the pair's [`Close`] gives it back.
 pub fn run(
     route: Arc<RouteState>,
@@ -104,7 +177,8 @@ pub fn run(
         // (TLS included) looks at it. Boxed: its state lives only until then.
         // The header's destination (the address the client connected to) is
         // not declared before this await, where it would hold a slot in the task.
-        let destination = match route.route.client.proxy_protocol {
+        let proxy_protocol = route.live().route.client.proxy_protocol;
+        let destination = match proxy_protocol {
             None => None,
             Some(timeout) => {
                 let received = Box::pin(async {
@@ -119,7 +193,7 @@ pub fn run(
                     failed => {
                         let (reason, detail) = match failed {
                             Some(Err(e)) => (CloseReason::ClientProtocolError, Some(e.to_string())),
-                            _ => (CloseReason::Shutdown, None),
+                            _ => (route.kill_reason(), None),
                         };
                         let close = Close {
                             route: &route,
@@ -154,14 +228,17 @@ pub fn run(
         // whole life. The block keeps the connect result itself out of the
         // task's state during the relay.
         let (up_addr, _active) = {
-            let send_proxy = route.route.upstream.send_proxy;
             // `destination` moves into the boxed future (the rest is borrowed),
             // so the task keeps no slot for it.
             let connected = {
                 let (route, client, who, cancel) = (&route, &client, &who, &cancel);
                 Box::pin(async move {
+                    // Held through the connect: a reload may store new
+                    // settings meanwhile, and this attempt keeps its own.
+                    let live = route.live_full();
+                    let send_proxy = live.route.upstream.send_proxy;
                     let c = tokio::select! {
-                        c = connect::connect(&route.route.upstream, &route.pool) => c,
+                        c = connect::connect(&live.route.upstream, &live.pool) => c,
                         _ = cancel.cancelled() => return None,
                     };
                     // The PROXY header goes before any relayed byte (and before
@@ -209,12 +286,19 @@ pub fn run(
                     return;
                 }
                 None => {
-                    let end = RelayEnd::plain(CloseReason::Shutdown);
+                    let end = RelayEnd::plain(route.kill_reason());
                     close.finish(registration, &client, None, &end, None);
                     return;
                 }
             }
         };
+        // A reload that changes the route's timers wakes the pair through
+        // this, so that they count from then; nothing is stored in the task.
+        std::future::poll_fn(|cx| {
+            registration.set_waker(cx.waker());
+            std::task::Poll::Ready(())
+        })
+        .await;
         let end = relay::relay(&client, &upstream, &route, &stats, &cancel).await;
         close.finish(
             registration,
@@ -289,9 +373,7 @@ struct Close<'a> {
 
 impl Drop for Close<'_> {
     fn drop(&mut self) {
-        if let Some(limit) = &self.route.max_connections {
-            limit.release();
-        }
+        self.route.max_connections.release();
     }
 }
 
@@ -318,7 +400,7 @@ impl Close<'_> {
         let abrupt = match end.reason {
             CloseReason::Completed | CloseReason::IdleTimeout => false,
             reason if reason.is_cut() => true,
-            _ => self.route.route.on_peer_failure == OnPeerFailure::Reset || end.undelivered,
+            _ => self.route.live().route.on_peer_failure == OnPeerFailure::Reset || end.undelivered,
         };
         let failed = end.reason.failed_side();
         let upstream_addr = upstream.map(|(_, a)| a);

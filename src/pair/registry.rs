@@ -18,6 +18,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 
 use serde::Serialize;
 use tokio::net::TcpStream;
@@ -37,6 +38,10 @@ struct Fds {
     /// The client a PROXY header named, shown instead of the socket's peer,
     /// and that peer (`via`); boxed, so an entry without them pays a null pointer.
     proxied: Option<Box<(SocketAddr, SocketAddr)>>,
+    /// Wakes the pair's task, so that it looks at a reload's new timers.
+    /// Here rather than a wait in the task: the task's size is what every
+    /// idle pair costs.
+    waker: Option<Waker>,
 }
 
 #[derive(Debug)]
@@ -105,6 +110,12 @@ impl Registration<'_> {
         lock(&self.entry.fds).proxied.as_ref().map(|p| p.1)
     }
 
+    /// Records the task to wake when a reload changes the pair's timers: the
+    /// task that calls this, which runs the pair to its end.
+    pub fn set_waker(&self, waker: &Waker) {
+        lock(&self.entry.fds).waker = Some(waker.clone());
+    }
+
     /// Records the upstream socket once connected.
     pub fn set_upstream(&self, upstream: &TcpStream) {
         lock(&self.entry.fds).upstream = Some(upstream.as_raw_fd());
@@ -118,6 +129,19 @@ impl Drop for Registration<'_> {
         *lock(&self.entry.fds) = Fds::default();
         lock(self.registry.shard(self.entry.id)).remove(&self.entry.id);
     }
+}
+
+/// What [`Registry::retune_route`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Retuned {
+    /// Sockets that now hold the new settings, read back.
+    pub updated: usize,
+    /// Sockets that had died (or closed) meanwhile.
+    pub skipped: usize,
+    /// Sockets that refused the settings or read back something else.
+    pub failed: usize,
+    /// The last such failure.
+    pub last_error: Option<String>,
 }
 
 /// One side of a live pair as `/connections` shows it.
@@ -260,6 +284,7 @@ impl Registry {
                 client: Some(client.as_raw_fd()),
                 upstream: None,
                 proxied: None,
+                waker: None,
             }),
         });
         lock(self.shard(id)).insert(id, entry.clone());
@@ -267,6 +292,66 @@ impl Registry {
             registry: self,
             entry,
         }
+    }
+
+    /// The live pairs of `route`, for a reload to act on. Locks each shard
+    /// only to clone the handles.
+    fn of_route(&self, route: &str) -> Vec<Arc<Entry>> {
+        let mut found = Vec::new();
+        for shard in &self.shards {
+            found.extend(lock(shard).values().filter(|e| *e.route == *route).cloned());
+        }
+        found
+    }
+
+    /// How many pairs of `route` are live.
+    pub fn count_route(&self, route: &str) -> usize {
+        self.shards
+            .iter()
+            .map(|s| lock(s).values().filter(|e| *e.route == *route).count())
+            .sum()
+    }
+
+    /// Wakes every live pair of `route`, so that each looks at the route's
+    /// settings again (a reload changed its timers).
+    pub fn wake_route(&self, route: &str) {
+        for e in self.of_route(route) {
+            let waker = lock(&e.fds).waker.clone();
+            if let Some(w) = waker {
+                w.wake();
+            }
+        }
+    }
+
+    /// Sets `spec` on the `side` socket of every live pair of `route` and
+    /// reads it back. A socket that has died meanwhile (or whose pair closed
+    /// since it was listed) is skipped. Makes blocking system calls, one
+    /// pair at a time under that pair's lock: run it off the runtime workers.
+    pub fn retune_route(
+        &self,
+        route: &str,
+        side: super::close::Side,
+        spec: &crate::config::KeepaliveSpec,
+    ) -> Retuned {
+        let mut done = Retuned::default();
+        for e in self.of_route(route) {
+            let fds = lock(&e.fds);
+            let fd = match side {
+                super::close::Side::Client => fds.client,
+                super::close::Side::Upstream => fds.upstream,
+            };
+            let Some(fd) = fd else { continue };
+            // Only under the entry's lock: see the module comment.
+            match sockopt::retune_fd(fd, spec) {
+                Ok(()) => done.updated += 1,
+                Err(e) if sockopt::is_gone(&e) => done.skipped += 1,
+                Err(e) => {
+                    done.failed += 1;
+                    done.last_error = Some(e.to_string());
+                }
+            }
+        }
+        done
     }
 
     /// Picks up to `limit` live pairs (of `route` if given), oldest first, and

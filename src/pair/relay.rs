@@ -41,12 +41,16 @@ pub struct RelayLimits {
     pub client_watch: WatchSpec,
     /// Dead/stalled judgement of the upstream side.
     pub upstream_watch: WatchSpec,
+    /// When a reload set these: the timers of pairs older than that count
+    /// from then, not from their last byte.
+    pub since: Option<Instant>,
 }
 
 impl RelayLimits {
-    /// The limits a route's pairs share.
-    pub fn of(route: &crate::config::Route) -> RelayLimits {
+    /// The limits a route's pairs share, set at `since` by a reload.
+    pub fn of(route: &crate::config::Route, since: Option<Instant>) -> RelayLimits {
         RelayLimits {
+            since,
             idle_timeout: route.idle_timeout,
             half_close_timeout: route.half_close_timeout,
             client_watch: WatchSpec::of(&route.client.keepalive),
@@ -283,8 +287,14 @@ struct Timers<'r, 'a> {
 impl Timers<'_, '_> {
     fn idle_due(&self, holds: &Holds) -> Option<Instant> {
         let d = self.limits.idle_timeout?;
-        let due = after(self.stats.last_activity(), d);
+        let due = after(self.counted_from(self.stats.last_activity()), d);
         Some(holds.idle.map_or(due, |h| due.max(h)))
+    }
+
+    /// Where a timer that last saw `activity` counts from: a reload that set
+    /// the limits since then restarts the count.
+    fn counted_from(&self, activity: Instant) -> Instant {
+        self.limits.since.map_or(activity, |s| s.max(activity))
     }
 
     /// The source side of the direction still open while half-closed.
@@ -300,7 +310,7 @@ impl Timers<'_, '_> {
         let d = self.limits.half_close_timeout?;
         let since = self.half_closed_at?;
         let from = self.open_source()?;
-        let due = after(since.max(self.stats.last_from(from)), d);
+        let due = after(self.counted_from(since.max(self.stats.last_from(from))), d);
         Some(holds.half_close.map_or(due, |h| due.max(h)))
     }
 
@@ -411,7 +421,9 @@ where
         let this = self.project();
         let (client, upstream, stats, route) =
             (*this.client, *this.upstream, *this.stats, *this.route);
-        let (limits, bytes) = (&route.limits, &route.metrics.bytes);
+        // Loaded on every poll: a reload's new limits apply to live pairs.
+        let live = route.live();
+        let (limits, bytes) = (&live.limits, &route.metrics.bytes);
         // Which sides were written to (data or FIN) in this poll: their watchdogs arm.
         let mut wrote = [false; 2];
         let [wrote_client, wrote_upstream] = &mut wrote;
@@ -491,9 +503,7 @@ where
             }
         }
         if this.cancelled.poll(cx).is_ready() {
-            return Poll::Ready(
-                RelayEnd::plain(CloseReason::Shutdown).with_undelivered(undelivered),
-            );
+            return Poll::Ready(RelayEnd::plain(route.kill_reason()).with_undelivered(undelivered));
         }
 
         let timers = Timers {

@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabel {
@@ -40,6 +41,11 @@ struct ServerLabels {
 struct SideLabels {
     route: String,
     side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
 }
 
 #[derive(Clone)]
@@ -126,6 +132,8 @@ pub struct Metrics {
     at_limit: Family<RouteLabel, Gauge>,
     limit_reached: Family<RouteLabel, Counter>,
     log_dropped: Counter,
+    reloads: Family<ResultLabel, Counter>,
+    last_reload_success: Gauge<f64, AtomicU64>,
 }
 
 impl std::fmt::Debug for Buckets {
@@ -156,6 +164,8 @@ impl Metrics {
             at_limit: Family::default(),
             limit_reached: Family::default(),
             log_dropped: Counter::default(),
+            reloads: Family::default(),
+            last_reload_success: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -212,6 +222,19 @@ impl Metrics {
             "log_lines_dropped",
             "Log lines dropped because stdout could not keep up (the queue was full)",
             m.log_dropped.clone(),
+        );
+        for result in ["ok", "rejected"] {
+            let _ = m.reloads.get_or_create(&ResultLabel { result });
+        }
+        registry.register(
+            "config_reloads",
+            "Configuration reloads (SIGHUP or --watch), by result: ok, or rejected whole (the running configuration kept serving)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (Unix time): at start, then at each successful reload",
+            m.last_reload_success.clone(),
         );
         registry.register(
             "build",
@@ -311,6 +334,32 @@ impl Metrics {
                 .get_or_create(&Self::route_label(route))
                 .clone(),
         }
+    }
+
+    /// A reload was applied (`ok`) or rejected, now.
+    pub fn config_loaded(&self, ok: bool) {
+        if ok {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.last_reload_success.set(now);
+        }
+    }
+
+    /// Counts a reload by its result.
+    pub fn reload_done(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        self.config_loaded(ok);
+    }
+
+    /// A reload removed `server` from `route`: its series go.
+    pub fn forget_server(&self, route: &str, server: &str) {
+        let labels = ServerLabels {
+            route: route.to_string(),
+            server: server.to_string(),
+        };
+        self.upstream_up.remove(&labels);
     }
 
     /// A connect attempt to `server` failed.
