@@ -401,3 +401,40 @@ fn client_gone_before_a_write_is_dead_within_the_bound_of_its_vanishing() {
         },
     );
 }
+
+/// The deciding test of live re-tuning: a pair opened under slow client
+/// keepalive (60 s + 3 × 10 s = 90 s) is reloaded to 1 s / 1 s / 2, then its
+/// client is cut off. Only settings that reached the already-open socket can
+/// find that within the new 3 s bound.
+#[test]
+fn a_reload_retunes_a_live_client_socket_and_its_death_is_found_within_the_new_bound() {
+    isolated(
+        "a_reload_retunes_a_live_client_socket_and_its_death_is_found_within_the_new_bound",
+        || {
+            let (listener, up) = upstream_listener();
+            let slow = "{ idle = \"60s\", interval = \"10s\", probes = 3 }";
+            let proxy = Proxy::start(&config(up, slow, "{ idle = \"60s\" }"));
+            let (_c, mut u) = open_pair(&proxy, &listener, CLIENT_A);
+            let addr = proxy.addr("ka");
+            let fast = config(up, FAST, "{ idle = \"60s\" }")
+                .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{addr}\""));
+            let outcome = proxy.reload(&fast);
+            assert_eq!(message(&outcome), "configuration reloaded", "{outcome}");
+            proxy.wait_events(
+                |v| message(v) == "keepalive updated on 1 live client sockets",
+                1,
+                Duration::from_secs(5),
+            );
+
+            blackhole_host_port(CLIENT_A, addr.port());
+            let t0 = Instant::now();
+            expect_reset_within_bound(
+                "client silent after a reload to 1s/1s/2",
+                &mut u,
+                t0,
+                &proxy,
+                "client_dead",
+            );
+        },
+    );
+}

@@ -43,10 +43,12 @@ struct RouteChange {
 }
 
 impl RouteChange {
-    fn between(old: &Route, new: &Route) -> RouteChange {
+    /// `bound`: where the route listens now. A file that now names that
+    /// address (where it said port 0 before) does not move the route.
+    fn between(old: &Route, new: &Route, bound: SocketAddr) -> RouteChange {
         let (ou, nu) = (&old.upstream, &new.upstream);
         RouteChange {
-            listen: old.listen != new.listen,
+            listen: moves(old, new, bound),
             client_keepalive: old.client.keepalive != new.client.keepalive,
             upstream_keepalive: ou.keepalive != nu.keepalive,
             pool: ou.servers != nu.servers
@@ -90,6 +92,11 @@ impl RouteChange {
     }
 }
 
+/// Whether `new` listens elsewhere than the running `old`, bound at `bound`.
+fn moves(old: &Route, new: &Route, bound: SocketAddr) -> bool {
+    old.listen != new.listen && new.listen != bound
+}
+
 impl App {
     /// Reads the configuration file again and applies it (see [`App::apply`]).
     /// Counted in `kaproxy_config_reloads_total`; a rejection is logged at
@@ -127,7 +134,7 @@ impl App {
         let mut bound: HashMap<String, Bound> = HashMap::new();
         for route in &config.routes {
             let running = self.find(&route.name);
-            let needs_bind = running.is_none_or(|r| r.state.live().route.listen != route.listen);
+            let needs_bind = running.is_none_or(|r| moves(&r.state.live().route, route, r.bound));
             if needs_bind {
                 bound.insert(route.name.clone(), route::bind(route, &self.workers)?);
             } else if running.is_some_and(|r| {
@@ -232,7 +239,7 @@ impl App {
     async fn change(&self, running: &mut RunningRoute, new: Route, bound: Option<Bound>) {
         let state: Arc<RouteState> = running.state.clone();
         let old: Route = state.live().route.clone();
-        let change = RouteChange::between(&old, &new);
+        let change = RouteChange::between(&old, &new, running.bound);
         if !change.any {
             return;
         }

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -49,24 +49,29 @@ impl Proxy {
 
     /// As [`Proxy::start`], with extra environment variables for kaproxy.
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Proxy {
-        Proxy::start_under(config, env, None)
+        Proxy::start_under(config, env, None, &[])
+    }
+
+    /// As [`Proxy::start`], with extra arguments after `run`, e.g. `--watch`.
+    pub fn start_with_args(config: &str, args: &[&str]) -> Proxy {
+        Proxy::start_under(config, &[], None, args)
     }
 
     /// As [`Proxy::start`], started by `bash -c "{shell}; exec kaproxy ..."`,
     /// e.g. to lower a resource limit first.
     pub fn start_after_shell(config: &str, shell: &str) -> Proxy {
-        Proxy::start_under(config, &[], Some(shell))
+        Proxy::start_under(config, &[], Some(shell), &[])
     }
 
-    fn start_under(config: &str, env: &[(&str, &str)], shell: Option<&str>) -> Proxy {
+    fn start_under(
+        config: &str,
+        env: &[(&str, &str)],
+        shell: Option<&str>,
+        run_args: &[&str],
+    ) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("kaproxy.toml");
-        // Every test proxy gets its own admin port, so parallel tests never clash on 9901.
-        let config = if config.contains("[admin]") {
-            config.to_string()
-        } else {
-            format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
-        };
+        let config = with_test_admin(config);
         std::fs::write(&path, &config).expect("write config");
         let expected = config.matches("[[route]]").count();
         let mut cmd = match shell {
@@ -79,9 +84,28 @@ impl Proxy {
             }
             None => Command::new(bin()),
         };
-        cmd.args(["--log-format", "json", "run", "-c"]).arg(&path);
+        cmd.args(["--log-format", "json", "run", "-c"])
+            .arg(&path)
+            .args(run_args);
         cmd.envs(env.iter().copied());
         Proxy::spawn(cmd, expected, dir, path)
+    }
+
+    /// Starts `kaproxy run -c path` on an existing file, with extra
+    /// arguments after `run`, e.g. `--watch`.
+    pub fn start_file(path: &Path, args: &[&str]) -> Proxy {
+        let text = std::fs::read_to_string(path).expect("read config");
+        let mut cmd = Command::new(bin());
+        cmd.args(["--log-format", "json", "run", "-c"])
+            .arg(path)
+            .args(args);
+        let dir = tempfile::tempdir().expect("temp dir");
+        Proxy::spawn(
+            cmd,
+            text.matches("[[route]]").count(),
+            dir,
+            path.to_path_buf(),
+        )
     }
 
     /// Starts `kaproxy forward` with these arguments (one route, "forward").
@@ -238,6 +262,23 @@ impl Proxy {
         self.wait_events(|v| message(v) == "pair closed", n, within)
     }
 
+    /// Writes `config` over the proxy's file, sends SIGHUP and waits for the
+    /// reload's outcome: the "configuration reloaded" or "... rejected" event.
+    pub fn reload(&self, config: &str) -> Value {
+        std::fs::write(&self.config_path, with_test_admin(config)).expect("write config");
+        self.reload_now()
+    }
+
+    /// Sends SIGHUP and waits for the reload's outcome event.
+    pub fn reload_now(&self) -> Value {
+        let is_outcome = |v: &Value| message(v).starts_with("configuration reload");
+        let before = self.events().iter().filter(|v| is_outcome(v)).count();
+        self.signal("HUP");
+        self.wait_events(is_outcome, before + 1, Duration::from_secs(10))
+            .pop()
+            .expect("an outcome")
+    }
+
     /// Sends a signal to the process.
     pub fn signal(&self, sig: &str) {
         let pid = self.child.as_ref().expect("running").id();
@@ -381,6 +422,16 @@ pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     let mut buf = vec![0u8; msg.len()];
     s.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+/// `config` with an admin endpoint on a free port unless it has one: parallel
+/// tests never clash on 9901.
+pub fn with_test_admin(config: &str) -> String {
+    if config.contains("[admin]") {
+        config.to_string()
+    } else {
+        format!("{config}\n[admin]\nlisten = \"127.0.0.1:0\"\n")
+    }
 }
 
 /// A minimal config with one route on 127.0.0.1:0 to these servers, plus extra route-level TOML.
