@@ -152,6 +152,24 @@ fn kubernetes_example_is_valid_and_probes_the_admin_endpoint() {
         "probes reach the admin endpoint: {described}"
     );
     assert_eq!(sidecar["volumeMounts"][0]["mountPath"], "/etc/kaproxy");
+    // It watches the mounted ConfigMap, and the binary takes those arguments.
+    let args: Vec<&str> = sidecar["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--watch"), "{args:?}");
+    let parsed = std::process::Command::new(common::bin())
+        .args(&args)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        parsed.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
     assert!(
         described.contains("servers            = 127.0.0.1:8080"),
         "{described}"

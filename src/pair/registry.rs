@@ -305,16 +305,21 @@ impl Registry {
     }
 
     /// How many pairs of `route` are live.
-    pub fn count_route(&self, route: &str) -> usize {
+    pub fn count_route(&self, route: &Arc<str>) -> usize {
         self.shards
             .iter()
-            .map(|s| lock(s).values().filter(|e| *e.route == *route).count())
+            .map(|s| {
+                lock(s)
+                    .values()
+                    .filter(|e| Arc::ptr_eq(&e.route, route))
+                    .count()
+            })
             .sum()
     }
 
     /// Wakes every live pair of `route`, so that each looks at the route's
     /// settings again (a reload changed its timers).
-    pub fn wake_route(&self, route: &str) {
+    pub fn wake_route(&self, route: &Arc<str>) {
         for e in self.of_route(route) {
             let waker = lock(&e.fds).waker.clone();
             if let Some(w) = waker {
@@ -329,7 +334,7 @@ impl Registry {
     /// pair at a time under that pair's lock: run it off the runtime workers.
     pub fn retune_route(
         &self,
-        route: &str,
+        route: &Arc<str>,
         side: super::close::Side,
         spec: &crate::config::KeepaliveSpec,
     ) -> Retuned {
