@@ -30,11 +30,30 @@ use crate::net::sockopt::{self, SocketSnapshot};
 /// workers rarely meet on one lock.
 const SHARDS: usize = 32;
 
-/// The descriptor numbers of a pair's sockets, `None` once the pair may close them.
+/// A descriptor number, or none (-1): half the size of an `Option<RawFd>`,
+/// and an entry's size is paid by every idle pair.
+#[derive(Debug, Clone, Copy)]
+struct FdSlot(RawFd);
+
+impl FdSlot {
+    const NONE: FdSlot = FdSlot(-1);
+
+    fn get(self) -> Option<RawFd> {
+        (self.0 >= 0).then_some(self.0)
+    }
+}
+
+impl Default for FdSlot {
+    fn default() -> FdSlot {
+        FdSlot::NONE
+    }
+}
+
+/// The descriptor numbers of a pair's sockets, none once the pair may close them.
 #[derive(Debug, Default)]
 struct Fds {
-    client: Option<RawFd>,
-    upstream: Option<RawFd>,
+    client: FdSlot,
+    upstream: FdSlot,
     /// The client a PROXY header named, shown instead of the socket's peer,
     /// and that peer (`via`); boxed, so an entry without them pays a null pointer.
     proxied: Option<Box<(SocketAddr, SocketAddr)>>,
@@ -118,7 +137,7 @@ impl Registration<'_> {
 
     /// Records the upstream socket once connected.
     pub fn set_upstream(&self, upstream: &TcpStream) {
-        lock(&self.entry.fds).upstream = Some(upstream.as_raw_fd());
+        lock(&self.entry.fds).upstream = FdSlot(upstream.as_raw_fd());
     }
 }
 
@@ -200,11 +219,11 @@ impl Entry {
     /// Reads the pair's sockets now; `None` if it has unregistered since it was listed.
     fn view(&self) -> Option<PairView> {
         let fds = lock(&self.fds);
-        let mut client = side_view(fds.client?);
+        let mut client = side_view(fds.client.get()?);
         if let Some(proxied) = &fds.proxied {
             client.via = client.address.replace(proxied.0.to_string());
         }
-        let upstream = fds.upstream.map(side_view);
+        let upstream = fds.upstream.get().map(side_view);
         drop(fds);
         let stats = &self.stats;
         Some(PairView {
@@ -281,8 +300,8 @@ impl Registry {
             route,
             stats: RelayStats::new(),
             fds: Mutex::new(Fds {
-                client: Some(client.as_raw_fd()),
-                upstream: None,
+                client: FdSlot(client.as_raw_fd()),
+                upstream: FdSlot::NONE,
                 proxied: None,
                 waker: None,
             }),
@@ -342,8 +361,8 @@ impl Registry {
         for e in self.of_route(route) {
             let fds = lock(&e.fds);
             let fd = match side {
-                super::close::Side::Client => fds.client,
-                super::close::Side::Upstream => fds.upstream,
+                super::close::Side::Client => fds.client.get(),
+                super::close::Side::Upstream => fds.upstream.get(),
             };
             let Some(fd) = fd else { continue };
             // Only under the entry's lock: see the module comment.
