@@ -118,8 +118,13 @@ pub async fn accept_loop(
         }
     }
     // Closed before the log line, so anyone who sees it can rely on refusals.
+    // (A reload that moved the route logs this for the old address.)
+    let address = listener.get_ref().local_addr().ok();
     drop(listener);
     if open.fetch_sub(1, Ordering::AcqRel) == 1 {
-        tracing::info!(route = %route.name, "stopped accepting");
+        match address {
+            Some(address) => tracing::info!(route = %route.name, %address, "stopped accepting"),
+            None => tracing::info!(route = %route.name, "stopped accepting"),
+        }
     }
 }
