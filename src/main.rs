@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 
-use kaproxy::app::App;
+use kaproxy::app::{App, ReloadError};
 use kaproxy::cli::{Cli, Command};
 use kaproxy::config::Config;
 use kaproxy::telemetry;
@@ -181,6 +181,9 @@ fn probe(args: &kaproxy::cli::ProbeArgs) -> ExitCode {
 
 /// Changes to the watched file within this make one reload.
 const WATCH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(500);
+/// A reload comes at most this long after the first change, however busy the
+/// directory: another file written there all the time must not hold it off.
+const WATCH_MAX_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 async fn serve(config: Config, workers: usize, watch: Option<PathBuf>) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
@@ -198,12 +201,13 @@ async fn serve(config: Config, workers: usize, watch: Option<PathBuf>) -> anyhow
     let read = |p: &PathBuf| std::fs::read(p).ok();
     let mut last_seen = watch.as_ref().and_then(read);
     let mut app = App::start(config, workers).await?;
-    let mut due: Option<tokio::time::Instant> = None;
+    // When to look at the file: the debounce's end, and the latest moment.
+    let mut due: Option<(tokio::time::Instant, tokio::time::Instant)> = None;
 
     let name = loop {
         let debounce = async {
             match due {
-                Some(at) => tokio::time::sleep_until(at).await,
+                Some((at, latest)) => tokio::time::sleep_until(at.min(latest)).await,
                 None => std::future::pending().await,
             }
         };
@@ -220,7 +224,11 @@ async fn serve(config: Config, workers: usize, watch: Option<PathBuf>) -> anyhow
                     None => std::future::pending().await,
                 }
             } => match event {
-                Some(()) => due = Some(tokio::time::Instant::now() + WATCH_DEBOUNCE),
+                Some(()) => {
+                    let now = tokio::time::Instant::now();
+                    let latest = due.map_or(now + WATCH_MAX_DELAY, |(_, latest)| latest);
+                    due = Some((now + WATCH_DEBOUNCE, latest));
+                }
                 // The watch thread said why it stopped.
                 None => changes = None,
             },
@@ -229,8 +237,13 @@ async fn serve(config: Config, workers: usize, watch: Option<PathBuf>) -> anyhow
                 let now = watch.as_ref().and_then(read);
                 // A file that is missing for a moment (mid-swap) is not a change.
                 if now.is_some() && now != last_seen {
-                    last_seen = now;
-                    let _ = app.reload("watch").await;
+                    // A file that cannot be applied as it is waits for its next
+                    // change; a reload that failed for another reason (an
+                    // address in use) is tried again at the next event.
+                    match app.reload("watch").await {
+                        Ok(()) | Err(ReloadError::Config(_)) => last_seen = now,
+                        Err(_) => {}
+                    }
                 }
             }
         }

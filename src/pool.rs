@@ -1,7 +1,7 @@
 //! Live state of a route's servers: health (active checks), passive ejection,
 //! active pairs, and the plan of which servers a new connection tries.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,14 +17,17 @@ const FAIL_OPEN_LOG_PERIOD: Duration = Duration::from_secs(10);
 /// One server and what is known about it.
 #[derive(Debug)]
 pub struct ServerState {
-    /// As configured.
+    /// As configured at first; a reload may change the weight (below).
     pub spec: Server,
+    /// The weight in force: a reload that changes it keeps the server's
+    /// state and its count of live pairs.
+    weight: AtomicU32,
     /// Pairs open to it now, plus connects to it in flight.
     pub active: AtomicUsize,
     health: Mutex<Health>,
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default)]
 struct Health {
     /// The last health check's outcome, as logged.
     last_check: Option<(bool, String)>,
@@ -38,6 +41,15 @@ struct Health {
     /// that attempts started before it are still recognised when they fail late.
     ejected_at: Option<Instant>,
     ejections: u32,
+}
+
+impl Health {
+    fn forget_checks(&mut self) {
+        self.checked_up = None;
+        self.passes = 0;
+        self.failures = 0;
+        self.last_check = None;
+    }
 }
 
 /// What `/upstreams` shows about a server.
@@ -111,10 +123,9 @@ impl Pool {
     }
 
     /// A pool for a reloaded route: a server that `old` also lists (same
-    /// address) keeps its health, ejection and active pairs; the others start
-    /// eligible. A server whose weight changed keeps its state too, in a new
-    /// entry, so that pairs still counted against the old entry stay counted
-    /// there.
+    /// address) keeps its health, ejection and active pairs, with its new
+    /// weight; the others start eligible. Without health checks in the new
+    /// route, what the old checks found is forgotten.
     pub fn carrying_over(
         route: &str,
         spec: &UpstreamSpec,
@@ -133,11 +144,20 @@ impl Pool {
                 .servers
                 .iter()
                 .map(|s| match known(s) {
-                    Some(o) if o.spec == *s => o.clone(),
-                    o => Arc::new(ServerState {
+                    Some(o) => {
+                        o.weight.store(s.weight, Ordering::Relaxed);
+                        if spec.health_check.is_none() {
+                            // Nothing will check it again: a "down" from
+                            // checks that are gone must not last forever.
+                            lock(&o.health).forget_checks();
+                        }
+                        o.clone()
+                    }
+                    None => Arc::new(ServerState {
                         spec: s.clone(),
+                        weight: AtomicU32::new(s.weight),
                         active: AtomicUsize::new(0),
-                        health: Mutex::new(o.map(|o| lock(&o.health).clone()).unwrap_or_default()),
+                        health: Mutex::new(Health::default()),
                     }),
                 })
                 .collect(),
@@ -184,7 +204,7 @@ impl Pool {
         let now = Instant::now();
         let snapshot = |i: usize, s: &ServerState| Candidate {
             index: i,
-            weight: s.spec.weight,
+            weight: s.weight.load(Ordering::Relaxed),
             active: s.active.load(Ordering::Relaxed),
         };
         let mut candidates: Vec<Candidate> = self
@@ -357,7 +377,7 @@ impl Pool {
         };
         ServerView {
             address: self.servers[i].spec.addr.to_string(),
-            weight: self.servers[i].spec.weight,
+            weight: self.servers[i].weight.load(Ordering::Relaxed),
             state,
             active_pairs: self.servers[i].active.load(Ordering::Relaxed),
             connect_failures: h.connect_failures,

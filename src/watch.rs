@@ -46,9 +46,20 @@ pub fn spawn(path: &Path) -> io::Result<mpsc::Receiver<()>> {
     Ok(rx)
 }
 
-/// Watches the directory of `path` and of what it resolves to, once each.
+/// Watches the directory of `path`, of what it resolves to, and of every
+/// symlink on the way (a release directory swapped by a symlink, as
+/// `/etc/kaproxy/current -> releases/7`, is replaced in the directory that
+/// holds the link), once each.
 fn add_watches(inotify: &Inotify, path: &Path, watched: &mut HashSet<PathBuf>) -> io::Result<()> {
     let mut dirs = vec![parent(path)];
+    for ancestor in path.ancestors().skip(1) {
+        if ancestor.as_os_str().is_empty() {
+            break;
+        }
+        if std::fs::symlink_metadata(ancestor).is_ok_and(|m| m.file_type().is_symlink()) {
+            dirs.push(parent(ancestor));
+        }
+    }
     if let Ok(real) = std::fs::canonicalize(path) {
         dirs.push(parent(&real));
     }

@@ -126,7 +126,7 @@ impl App {
         check_descriptors(&config, workers.handles().len());
         let mut bound = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
-            bound.push(route::bind(route, &workers)?);
+            bound.push(route::bind(route, &workers, false)?);
         }
         let admin_listener = config.admin.map(bind_admin).transpose()?;
         let metrics = Arc::new(Metrics::new());

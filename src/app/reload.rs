@@ -13,7 +13,7 @@ use tokio::net::TcpListener;
 use super::route::{self, Bound, RunningRoute};
 use super::{bind_admin, App, StartError};
 use crate::config::{fmt_duration, Config, ConfigError, Route};
-use crate::pair::close::Side;
+use crate::pair::close::{CloseReason, Side};
 use crate::pair::RouteState;
 use crate::pool::Pool;
 
@@ -92,9 +92,21 @@ impl RouteChange {
     }
 }
 
+/// Two addresses whose binds conflict: the same port, and the same IP or a
+/// wildcard on either side (of one family).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Whether `new` listens elsewhere than the running `old`, bound at `bound`.
+///
+/// A file that names the address the route is bound to, or port 0 on its
+/// IP (any port will do, and it has one), does not move it.
 fn moves(old: &Route, new: &Route, bound: SocketAddr) -> bool {
-    old.listen != new.listen && new.listen != bound
+    let any_port_here = new.listen.port() == 0 && new.listen.ip() == bound.ip();
+    old.listen != new.listen && new.listen != bound && !any_port_here
 }
 
 impl App {
@@ -130,23 +142,49 @@ impl App {
     /// address (and the admin endpoint's) is bound first: if one fails,
     /// nothing is applied.
     pub async fn apply(&mut self, config: Config) -> Result<(), ReloadError> {
-        // Phase 1, which may fail: bind what is new.
+        // Phase 1, which may fail: bind what is new. An address that a
+        // running route leaves in this reload is taken over with its
+        // listeners instead: it could not be bound while they are open.
         let mut bound: HashMap<String, Bound> = HashMap::new();
+        let mut handed_over: Vec<Arc<str>> = Vec::new();
         for route in &config.routes {
             let running = self.find(&route.name);
             let needs_bind = running.is_none_or(|r| moves(&r.state.live().route, route, r.bound));
             if needs_bind {
-                bound.insert(route.name.clone(), route::bind(route, &self.workers)?);
+                let leaving = self.routes.iter().find(|r| {
+                    let current = r.state.live();
+                    let leaves = match config.routes.iter().find(|n| *n.name == *r.state.name) {
+                        None => true,
+                        Some(next) => moves(&current.route, next, r.bound),
+                    };
+                    let here = route.listen == r.bound
+                        || (route.listen.port() != 0 && route.listen == current.route.listen);
+                    leaves && here
+                });
+                let taken = leaving.and_then(|r| Some((r.state.name.clone(), r.hand_over()?)));
+                // The same port on an overlapping address (0.0.0.0:P and
+                // 127.0.0.1:P) held by a route that leaves it now.
+                let overlaps_own = self.routes.iter().any(|r| {
+                    let leaves = config
+                        .routes
+                        .iter()
+                        .find(|n| *n.name == *r.state.name)
+                        .is_none_or(|next| moves(&r.state.live().route, next, r.bound));
+                    leaves && overlap(r.bound, route.listen)
+                });
+                let b = match taken {
+                    Some((from, b)) => {
+                        route::verify_upstream(route)?;
+                        handed_over.push(from);
+                        b
+                    }
+                    None => route::bind(route, &self.workers, overlaps_own)?,
+                };
+                bound.insert(route.name.clone(), b);
             } else if running.is_some_and(|r| {
                 r.state.live().route.upstream.keepalive != route.upstream.keepalive
             }) {
-                crate::net::sockopt::verify_upstream_options(&route.upstream.keepalive).map_err(
-                    |source| StartError {
-                        route: format!("route \"{}\"", route.name),
-                        what: "cannot set the upstream socket options".to_string(),
-                        source,
-                    },
-                )?;
+                route::verify_upstream(route)?;
             }
         }
         let admin: Option<(SocketAddr, TcpListener)> = match config.admin {
@@ -157,6 +195,13 @@ impl App {
         };
 
         // Phase 2: apply. Nothing below fails the reload.
+        // First, routes that gave their listeners away stop accepting on
+        // them, so that no client meant for the new owner reaches them.
+        for r in &self.routes {
+            if handed_over.iter().any(|n| Arc::ptr_eq(n, &r.state.name)) {
+                r.stop_accepting();
+            }
+        }
         let grace = config.shutdown_grace;
         let mut old_routes: Vec<RunningRoute> = std::mem::take(&mut self.routes);
         for gone in extract(&mut old_routes, |r| {
@@ -207,10 +252,22 @@ impl App {
     }
 
     /// A route the new file no longer has: it stops accepting now; its pairs
-    /// get `grace` to finish, then close as `route_removed`.
+    /// get `grace` to finish, then close as `route_removed`. Once the last
+    /// one has closed, the route's metric series go too, unless a route of
+    /// the same name runs by then.
     fn remove(&self, gone: RunningRoute, grace: std::time::Duration) {
         gone.stop();
         let state = gone.state.clone();
+        // Off the admin endpoint at once: a scrape while the rest of the
+        // reload runs would otherwise write its servers' series again.
+        self.admin_state.routes.rcu(|routes| {
+            routes
+                .iter()
+                .filter(|(r, _)| !Arc::ptr_eq(r, &state))
+                .cloned()
+                .collect::<Vec<_>>()
+        });
+        state.max_connections.detach();
         let live = state.live();
         for server in &live.route.upstream.servers {
             self.metrics
@@ -220,18 +277,40 @@ impl App {
         tracing::info!(route = %state.name, live_pairs = pairs, grace = %fmt_duration(grace), "route removed: stopped accepting; its live pairs may finish within the grace period");
         let kill = state.kill.clone();
         let registry = self.registry.clone();
+        let metrics = self.metrics.clone();
+        let admin = self.admin_state.clone();
         self.removed.spawn(async move {
             let deadline = tokio::time::Instant::now() + grace;
+            let poll = std::time::Duration::from_millis(100);
             // Polled rather than awaited per pair: pairs of a route have no
             // tracker of their own, and their tasks must not grow one.
             while registry.count_route(&state.name) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::select! {
                     _ = kill.cancelled() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_millis(100).min(grace)) => {}
+                    _ = tokio::time::sleep(poll.min(grace)) => {}
                 }
             }
             state.mark_removed();
             kill.cancel();
+            // Killed pairs close within a moment; bounded all the same.
+            let closing = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+            while registry.count_route(&state.name) > 0 && tokio::time::Instant::now() < closing {
+                tokio::time::sleep(poll).await;
+            }
+            // On this thread, as reloads are: no reload runs between the
+            // look and the removal.
+            let taken = admin
+                .routes
+                .load()
+                .iter()
+                .any(|(r, _)| r.name == state.name);
+            if !taken {
+                metrics.forget_route(
+                    &state.name,
+                    &CloseReason::ALL.map(CloseReason::as_str),
+                    [Side::Client.as_str(), Side::Upstream.as_str()],
+                );
+            }
         });
     }
 
@@ -270,6 +349,9 @@ impl App {
             if let Err(e) = running.retune_listeners(&new) {
                 tracing::error!(route = %new.name, error = %e, "cannot set the new client keepalive on the listening sockets; new clients keep the old settings");
             }
+            state
+                .client_options_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
         }
         for (side, changed, spec) in [
             (Side::Client, change.client_keepalive, new.client.keepalive),

@@ -18,17 +18,27 @@ use crate::workers::Workers;
 
 type Listener = AsyncFd<std::net::TcpListener>;
 
-/// A route's listening sockets, bound and registered, not yet accepting.
+/// A route's listening sockets, one per worker in worker order, bound and
+/// registered, not yet accepting.
 pub(super) struct Bound {
-    copies: Vec<Listener>,
+    copies: Vec<Arc<Listener>>,
     /// The address they got (port 0 resolved).
     pub(super) addr: SocketAddr,
+    /// Taken over from a route that leaves the address in the same reload:
+    /// they still carry that route's client options.
+    adopted: bool,
 }
 
 /// Binds `route.listen` once per worker with the client options on each copy,
 /// and checks the upstream options, so that a bad address or option fails
 /// here, before anything changes.
-pub(super) fn bind(route: &Route, workers: &Workers) -> Result<Bound, StartError> {
+///
+/// `shared_with_self`: see [`sockopt::bind_listeners`].
+pub(super) fn bind(
+    route: &Route,
+    workers: &Workers,
+    shared_with_self: bool,
+) -> Result<Bound, StartError> {
     let fail = |what: String| {
         let name = format!("route \"{}\"", route.name);
         move |source| StartError {
@@ -43,6 +53,7 @@ pub(super) fn bind(route: &Route, workers: &Workers) -> Result<Bound, StartError
         route.listen,
         Some(&route.client.keepalive),
         workers.handles().len(),
+        shared_with_self,
     )
     .map_err(fail(listening()))?;
     let addr = std_listeners[0].local_addr().map_err(fail(listening()))?;
@@ -50,11 +61,25 @@ pub(super) fn bind(route: &Route, workers: &Workers) -> Result<Bound, StartError
     let mut copies = Vec::with_capacity(std_listeners.len());
     for (std_listener, worker) in std_listeners.into_iter().zip(workers.handles()) {
         let _on_worker = worker.enter();
-        copies.push(sockopt::watch_listener(std_listener).map_err(fail(listening()))?);
+        copies.push(Arc::new(
+            sockopt::watch_listener(std_listener).map_err(fail(listening()))?,
+        ));
     }
-    sockopt::verify_upstream_options(&route.upstream.keepalive)
-        .map_err(fail("cannot set the upstream socket options".to_string()))?;
-    Ok(Bound { copies, addr })
+    verify_upstream(route)?;
+    Ok(Bound {
+        copies,
+        addr,
+        adopted: false,
+    })
+}
+
+/// Sets and reads back the route's upstream options on throw-away sockets.
+pub(super) fn verify_upstream(route: &Route) -> Result<(), StartError> {
+    sockopt::verify_upstream_options(&route.upstream.keepalive).map_err(|source| StartError {
+        route: format!("route \"{}\"", route.name),
+        what: "cannot set the upstream socket options".to_string(),
+        source,
+    })
 }
 
 /// What a route's tasks are spawned with.
@@ -99,6 +124,17 @@ impl RunningRoute {
     /// (a changed `listen`) close once their loops have stopped.
     pub(super) fn accept_on(&mut self, bound: Bound, with: &Spawner<'_>) {
         let live = self.state.live();
+        if bound.adopted {
+            for listener in &bound.copies {
+                if let Err(e) = sockopt::retune(listener.get_ref(), &live.route.client.keepalive) {
+                    tracing::error!(route = %self.state.name, error = %e, "cannot set the client keepalive on the listening sockets taken over; new clients keep the settings of the route that had them");
+                }
+            }
+            // Clients in the backlog were queued under the old route's options.
+            self.state
+                .client_options_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
         let servers: Vec<String> = live
             .route
             .upstream
@@ -112,7 +148,6 @@ impl RunningRoute {
         self.listeners.clear();
         let open = Arc::new(AtomicUsize::new(bound.copies.len()));
         for (listener, worker) in bound.copies.into_iter().zip(with.workers.handles()) {
-            let listener = Arc::new(listener);
             self.listeners.push(Arc::downgrade(&listener));
             worker.spawn(with.services.track_future(accept::accept_loop(
                 listener,
@@ -153,6 +188,23 @@ impl RunningRoute {
             sockopt::retune(listener.get_ref(), &route.client.keepalive)?;
         }
         Ok(())
+    }
+
+    /// The route's listeners, for a route that takes over its address in the
+    /// same reload (a rename, or two routes trading addresses): binding anew
+    /// would fail while these are open. `None` if one has closed already.
+    pub(super) fn hand_over(&self) -> Option<Bound> {
+        let copies: Option<Vec<Arc<Listener>>> = self.listeners.iter().map(Weak::upgrade).collect();
+        copies.filter(|c| !c.is_empty()).map(|copies| Bound {
+            copies,
+            addr: self.bound,
+            adopted: true,
+        })
+    }
+
+    /// Stops the accept loops only (their listeners were handed over).
+    pub(super) fn stop_accepting(&self) {
+        self.stop.cancel();
     }
 
     /// Stops accepting and checking; live pairs are left alone.

@@ -20,7 +20,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 use crate::config::KeepaliveSpec;
 
 /// Listen backlog: enough for bursts of new connections; the kernel caps it at somaxconn.
-const LISTEN_BACKLOG: i32 = 4096;
+pub const LISTEN_BACKLOG: i32 = 4096;
 
 /// Keepalive values read back from a socket with getsockopt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,12 +299,18 @@ pub fn bind_listener(
 /// Another process of the same user that also sets SO_REUSEPORT could bind the
 /// same port and take a share of the connections, as with HAProxy and nginx
 /// `reuseport`; any other holder of the port still makes this fail.
+///
+/// `shared_with_self`: the only listener on the port is known to be this
+/// process's own, leaving it in the same reload (0.0.0.0:P narrowed to
+/// 127.0.0.1:P, say): the plain test-bind would fail on it, and SO_REUSEPORT
+/// lets both exist until the old one closes.
 pub fn bind_listeners(
     addr: SocketAddr,
     client: Option<&KeepaliveSpec>,
     copies: usize,
+    shared_with_self: bool,
 ) -> io::Result<Vec<std::net::TcpListener>> {
-    if addr.port() != 0 {
+    if addr.port() != 0 && !shared_with_self {
         ensure_not_listened_on(addr)?;
     }
     let first = listener(addr, client, true)?;
@@ -557,6 +563,13 @@ where
 /// [`retune`] on a live pair's socket; same contract on `fd` as [`snapshot`].
 pub fn retune_fd(fd: std::os::fd::RawFd, spec: &KeepaliveSpec) -> io::Result<()> {
     retune(&raw::Borrowed(fd), spec)
+}
+
+/// Whether a live pair's socket still has a connection (any state but
+/// CLOSE, which a reset or a timeout leaves); same contract as [`snapshot`].
+pub fn is_connected_fd(fd: std::os::fd::RawFd) -> bool {
+    // 7: TCP_CLOSE in the kernel's numbering (see tcp_state_name).
+    raw::tcp_info(fd).is_ok_and(|(info, _)| info.tcpi_state != 7)
 }
 
 /// Whether a setsockopt failed only because the socket's connection is gone

@@ -47,6 +47,13 @@ pub async fn accept_loop(
     // keeps those waits on this worker's own lock instead of one shared by
     // every worker.
     let kill_pairs = route.kill.child_token();
+    // After a reload retuned the listener, clients that were already in its
+    // backlog carry the old client options: set the new ones on each socket
+    // accepted until the backlog has been empty once. Bounded by the
+    // backlog's size, in case it never empties. Starting from 0, a loop
+    // started on listeners taken over from another route checks too.
+    let mut epoch = 0u32;
+    let mut stale_left = 0usize;
     let mut backoff = MIN_BACKOFF;
     let mut last_log: Option<Instant> = None;
     let mut suppressed = 0u64;
@@ -55,6 +62,11 @@ pub async fn accept_loop(
             _ = stop.cancelled() => break,
             r = listener.readable() => r,
         };
+        let now_epoch = route.client_options_epoch.load(Ordering::Acquire);
+        if now_epoch != epoch {
+            epoch = now_epoch;
+            stale_left = sockopt::LISTEN_BACKLOG as usize;
+        }
         let mut slot = None;
         if ready.is_ok() {
             slot = tokio::select! {
@@ -67,18 +79,34 @@ pub async fn accept_loop(
             // client); the slot goes back as the loop comes round.
             Ok(mut guard) => match guard.try_io(|l| sockopt::accept(l.get_ref())) {
                 Ok(r) => r.and_then(|(s, addr)| Ok((TcpStream::from_std(s)?, addr))),
-                Err(_would_block) => continue,
+                Err(_would_block) => {
+                    stale_left = 0;
+                    continue;
+                }
             },
             Err(e) => Err(e),
         };
         match accepted {
             Ok((stream, addr)) => {
                 backoff = MIN_BACKOFF;
+                if stale_left > 0 {
+                    stale_left -= 1;
+                    let spec = route.live().route.client.keepalive;
+                    if let Err(e) = sockopt::retune(&stream, &spec) {
+                        tracing::debug!(route = %route.name, error = %e, "cannot set the reloaded client keepalive on a client from the backlog");
+                    }
+                }
                 // The pair gives it back when it closes.
                 if let Some(slot) = slot {
                     slot.keep();
                 }
-                pairs.spawn(super::run(route.clone(), stream, addr, kill_pairs.clone()));
+                pairs.spawn(super::run(
+                    route.clone(),
+                    stream,
+                    addr,
+                    kill_pairs.clone(),
+                    epoch,
+                ));
             }
             Err(e) => {
                 // Not held through a backoff: another worker may have a client.

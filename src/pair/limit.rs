@@ -26,6 +26,9 @@ pub struct Limit {
 
 #[derive(Debug)]
 struct Counts {
+    /// The route was removed by a reload: its gauge and counter now belong to
+    /// whatever route takes its name, and this one no longer writes them.
+    detached: bool,
     /// `None`: unlimited.
     max: Option<u32>,
     /// Slots held by live pairs. The gauge and the counter follow this, not
@@ -78,6 +81,7 @@ impl Limit {
         Limit {
             slots: Semaphore::new(permits(max)),
             counts: Mutex::new(Counts {
+                detached: false,
                 max,
                 live: 0,
                 debt: 0,
@@ -156,10 +160,20 @@ impl Limit {
         let was_full = c.full();
         f(&mut c);
         let full = c.full();
+        if c.detached {
+            return;
+        }
         if full && !was_full {
             self.reached.inc();
         }
         self.at_limit.set(i64::from(full));
+    }
+
+    /// Stops writing the route's gauge and counter (see `Counts::detached`),
+    /// leaving the gauge at 0.
+    pub fn detach(&self) {
+        self.lock().detached = true;
+        self.at_limit.set(0);
     }
 }
 

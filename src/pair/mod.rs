@@ -11,7 +11,7 @@ pub mod watchdog;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -26,6 +26,7 @@ use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use close::{CloseReason, Side};
 use registry::Registry;
 use relay::{RelayEnd, RelayLimits, RelayStats};
+use watchdog::WatchSpec;
 
 /// How much unread input a FIN close throws away first: Linux answers close()
 /// with RST while unread data is queued, which would defeat the FIN.
@@ -51,6 +52,11 @@ pub struct RouteState {
     /// process-wide token), or when a reload removed the route.
     pub kill: CancellationToken,
     removed: AtomicBool,
+    /// Counts reloads that changed the client options on the route's
+    /// listeners. Clients already waiting in the backlog then got the old
+    /// ones at their SYN: the accept loops set the new ones on what they
+    /// accept until their backlog has been empty once (see accept.rs).
+    pub client_options_epoch: AtomicU32,
 }
 
 /// What a reload can change in a running route.
@@ -84,7 +90,7 @@ impl RouteState {
                 route_metrics.limit_reached.clone(),
             )),
             live: ArcSwap::from_pointee(LiveRoute {
-                limits: RelayLimits::of(&route, None),
+                limits: RelayLimits::of(&route, None, 0),
                 route,
                 pool,
             }),
@@ -93,6 +99,7 @@ impl RouteState {
             metrics: route_metrics,
             kill,
             removed: AtomicBool::new(false),
+            client_options_epoch: AtomicU32::new(0),
         }
     }
 
@@ -110,10 +117,32 @@ impl RouteState {
     /// Makes `route` and `pool` the route's settings. New pairs follow them at
     /// once; live pairs take the timers and watchdog settings, counted from
     /// now, once woken (see [`Registry::wake_route`]).
+    ///
+    /// Only a changed `idle_timeout` or `half_close_timeout` restarts the
+    /// live pairs' count: a reload for anything else must not keep idle
+    /// pairs open by restarting their timers.
     pub fn set_live(&self, route: Route, pool: Arc<Pool>) {
         self.max_connections.set_max(route.max_connections);
+        let old = self.live.load();
+        let since = if old.route.idle_timeout != route.idle_timeout
+            || old.route.half_close_timeout != route.half_close_timeout
+        {
+            Some(tokio::time::Instant::now())
+        } else {
+            old.limits.since
+        };
+        let watches = |r: &Route| {
+            (
+                WatchSpec::of(&r.client.keepalive),
+                WatchSpec::of(&r.upstream.keepalive),
+            )
+        };
+        let generation = old
+            .limits
+            .watch_generation
+            .wrapping_add(u32::from(watches(&old.route) != watches(&route)));
         self.live.store(Arc::new(LiveRoute {
-            limits: RelayLimits::of(&route, Some(tokio::time::Instant::now())),
+            limits: RelayLimits::of(&route, since, generation),
             route,
             pool,
         }));
@@ -154,11 +183,15 @@ pub fn route_metrics(metrics: &Metrics, name: &str) -> RouteMetrics {
 ///
 /// The accept loop took one of the route's `max_connections` slots for the
 /// pair; the pair's [`Close`] gives it back.
+///
+/// `accepted_epoch`: the route's `client_options_epoch` the accept loop had
+/// seen when it accepted the client.
 pub fn run(
     route: Arc<RouteState>,
     client: TcpStream,
     client_addr: SocketAddr,
     cancel: CancellationToken,
+    accepted_epoch: u32,
 ) -> impl Future<Output = ()> + Send {
     let id = route.ids.fetch_add(1, Ordering::Relaxed);
     let mut who = PairId { id, client_addr };
@@ -172,6 +205,14 @@ pub fn run(
         let upstream: TcpStream;
         let registration = route.registry.register(who.id, route.name.clone(), &client);
         let stats = registration.stats();
+        // A reload that retuned the route's clients between the accept and
+        // this registration did not see this socket: set the options here.
+        if route.client_options_epoch.load(Ordering::Acquire) != accepted_epoch {
+            let spec = route.live().route.client.keepalive;
+            if let Err(e) = sockopt::retune(&client, &spec) {
+                tracing::debug!(route = %route.name, error = %e, "cannot set the reloaded client keepalive");
+            }
+        }
 
         // The PROXY header comes first on the socket, before anything else
         // (TLS included) looks at it. Boxed: its state lives only until then.
@@ -245,7 +286,7 @@ pub fn run(
                     // a TLS handshake): the original client, and the address it
                     // connected to (the received header's, else kaproxy's own).
                     let Ok(c) = c else {
-                        return Some(c.map(|c| (c, None)));
+                        return Some(c.map(|c| (c, None, live.route.upstream.keepalive)));
                     };
                     // Only then: getsockname would cost every pair a syscall.
                     let header = match send_proxy {
@@ -261,14 +302,22 @@ pub fn run(
                             .map(|e| close::blame(Side::Upstream, &c.stream, e)),
                         None => None,
                     };
-                    Some(Ok((c, sent)))
+                    Some(Ok((c, sent, live.route.upstream.keepalive)))
                 })
             }
             .await;
             match connected {
-                Some(Ok((c, failed_send))) => {
+                Some(Ok((c, failed_send, used))) => {
                     log_failed_attempts(&who, &route.name, &registration, &c.failed);
                     registration.set_upstream(&c.stream);
+                    // Registered first: a reload that stores new upstream
+                    // options after this look retunes the socket itself.
+                    let spec = route.live().route.upstream.keepalive;
+                    if spec != used {
+                        if let Err(e) = sockopt::retune(&c.stream, &spec) {
+                            tracing::debug!(route = %route.name, error = %e, "cannot set the reloaded upstream keepalive");
+                        }
+                    }
                     upstream = c.stream;
                     if let Some(e) = failed_send {
                         let detail = format!("sending the PROXY header: {e}");

@@ -315,10 +315,19 @@ impl Registry {
 
     /// The live pairs of `route`, for a reload to act on. Locks each shard
     /// only to clone the handles.
-    fn of_route(&self, route: &str) -> Vec<Arc<Entry>> {
+    ///
+    /// A route is known by its name's allocation, not its text: a route that
+    /// a reload removed and another that took its name are different routes.
+    fn of_route(&self, route: &Arc<str>) -> Vec<Arc<Entry>> {
         let mut found = Vec::new();
         for shard in &self.shards {
-            found.extend(lock(shard).values().filter(|e| *e.route == *route).cloned());
+            let shard = lock(shard);
+            found.extend(
+                shard
+                    .values()
+                    .filter(|e| Arc::ptr_eq(&e.route, route))
+                    .cloned(),
+            );
         }
         found
     }
@@ -365,7 +374,12 @@ impl Registry {
                 super::close::Side::Upstream => fds.upstream.get(),
             };
             let Some(fd) = fd else { continue };
-            // Only under the entry's lock: see the module comment.
+            // Only under the entry's lock: see the module comment. A reset
+            // socket still takes options without an error: look first.
+            if !sockopt::is_connected_fd(fd) {
+                done.skipped += 1;
+                continue;
+            }
             match sockopt::retune_fd(fd, spec) {
                 Ok(()) => done.updated += 1,
                 Err(e) if sockopt::is_gone(&e) => done.skipped += 1,

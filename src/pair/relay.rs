@@ -44,13 +44,21 @@ pub struct RelayLimits {
     /// When a reload set these: the timers of pairs older than that count
     /// from then, not from their last byte.
     pub since: Option<Instant>,
+    /// Changes when a reload changes the watchdog settings, so that a live
+    /// pair arms a newly enabled watchdog on data already in flight.
+    pub watch_generation: u32,
 }
 
 impl RelayLimits {
     /// The limits a route's pairs share, set at `since` by a reload.
-    pub fn of(route: &crate::config::Route, since: Option<Instant>) -> RelayLimits {
+    pub fn of(
+        route: &crate::config::Route,
+        since: Option<Instant>,
+        watch_generation: u32,
+    ) -> RelayLimits {
         RelayLimits {
             since,
+            watch_generation,
             idle_timeout: route.idle_timeout,
             half_close_timeout: route.half_close_timeout,
             client_watch: WatchSpec::of(&route.client.keepalive),
@@ -214,6 +222,7 @@ pub fn relay<'a>(
         upstream,
         route,
         stats,
+        watch_generation: route.live().limits.watch_generation,
         c2u: Direction::default(),
         u2c: Direction::default(),
         half_closed_at: None,
@@ -268,6 +277,8 @@ pin_project_lite::pin_project! {
         // The route's shared limits and byte counters.
         route: &'a RouteState,
         stats: &'a RelayStats,
+        // The watchdog settings this pair has armed by.
+        watch_generation: u32,
         c2u: Direction,
         u2c: Direction,
         half_closed_at: Option<Instant>,
@@ -530,6 +541,16 @@ where
             u2c: this.u2c,
             half_closed_at: *this.half_closed_at,
         };
+        // A reload changed the watchdog settings: a side with data already in
+        // flight is watched from now on, as if it had just been written to.
+        if *this.watch_generation != limits.watch_generation {
+            *this.watch_generation = limits.watch_generation;
+            for side in [Side::Client, Side::Upstream] {
+                if limits.watch(side).enabled() && outstanding(timers.socket(side)) {
+                    wrote[side as usize] = true;
+                }
+            }
+        }
         let now_if_wrote = wrote.iter().any(|w| *w).then(Instant::now);
         for side in [Side::Client, Side::Upstream] {
             let spec = limits.watch(side);

@@ -360,6 +360,37 @@ impl Metrics {
             server: server.to_string(),
         };
         self.upstream_up.remove(&labels);
+        self.connect_failures.remove(&labels);
+    }
+
+    /// A route a reload removed has no pair left, and no route has its name:
+    /// every series of it goes, so that renamed routes do not pile up in
+    /// /metrics. `reasons` and `sides` as for [`Metrics::route`].
+    pub fn forget_route(&self, route: &str, reasons: &[&'static str], sides: [&'static str; 2]) {
+        let label = Self::route_label(route);
+        self.pairs_active.remove(&label);
+        self.pairs_accepted.remove(&label);
+        self.pair_duration.remove(&label);
+        self.at_limit.remove(&label);
+        self.limit_reached.remove(&label);
+        for &reason in reasons {
+            self.pairs_closed.remove(&ReasonLabels {
+                route: route.to_string(),
+                reason,
+            });
+        }
+        for side in sides {
+            self.detection.remove(&SideLabels {
+                route: route.to_string(),
+                side,
+            });
+        }
+        for direction in ["client_to_upstream", "upstream_to_client"] {
+            self.bytes.remove(&DirectionLabels {
+                route: route.to_string(),
+                direction,
+            });
+        }
     }
 
     /// A connect attempt to `server` failed.
