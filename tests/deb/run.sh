@@ -11,8 +11,14 @@
 #      accepts the installed unit, kaproxy --version, kaproxy check on the
 #      installed /etc/kaproxy/kaproxy.toml;
 #   4. dpkg -r leaves only the conffile, dpkg --purge leaves nothing: the root's
-#      file list equals the one before the install, but for dpkg's own records.
-# Needs root, debootstrap, cargo-deb. scripts/test.sh runs it (CI); by hand:
+#      file list equals the one before the install, but for dpkg's own records;
+#   5. a second fresh root with the package installed boots systemd for real
+#      (systemd-nspawn --boot, private network): kaproxy.service starts as a
+#      dynamic user under its sandbox (no capabilities, no_new_privs, seccomp),
+#      relays a connection to an echo upstream, serves TCP_INFO on /connections,
+#      and `systemctl stop` drains it to exit 0.
+# Needs root, debootstrap, cargo-deb, systemd-nspawn (systemd-container).
+# scripts/test.sh runs it (CI); by hand:
 #   sudo tests/deb/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -124,4 +130,87 @@ if ! diff -u "$WORK/before" "$WORK/after"; then
 fi
 echo "no file left behind"
 
-printf '\nPASS: the package installed in a fresh %s root, its unit verified, kaproxy check passed on the installed config, and remove and purge left nothing\n' "$SUITE"
+step "the unit started for real: a second fresh root booted with systemd-nspawn"
+if ! command -v systemd-nspawn >/dev/null; then
+    [ "${CI:-}" = true ] && fail "systemd-nspawn is not installed (apt-get install systemd-container)"
+    echo "SKIP: systemd-nspawn is not installed (apt-get install systemd-container)"
+else
+    BOOT="$WORK/boot"
+    mkdir -p "$BOOT"
+    tar -C "$BOOT" -xf "$PRISTINE"
+    cp "$DEB" "$BOOT/tmp/kaproxy.deb"
+    ROOT="$BOOT" in_root dpkg -i /tmp/kaproxy.deb >/dev/null 2>&1
+    # An echo upstream for the packaged tomcat-http route (127.0.0.1:8080), made
+    # of what systemd ships, and a oneshot that drives kaproxy.service once it is
+    # up, writes what it saw to /boot-test.result and powers the machine off.
+    cat >"$BOOT/etc/systemd/system/echo-upstream.service" <<'UNIT'
+[Service]
+ExecStart=/usr/bin/systemd-socket-activate --inetd -a -l 127.0.0.1:8080 /bin/cat
+UNIT
+    cat >"$BOOT/etc/systemd/system/boot-test.service" <<'UNIT'
+[Unit]
+Wants=echo-upstream.service kaproxy.service
+After=echo-upstream.service kaproxy.service
+[Service]
+Type=oneshot
+ExecStart=/bin/bash /boot-test.sh
+ExecStopPost=/bin/systemctl --no-block poweroff
+UNIT
+    cat >"$BOOT/boot-test.sh" <<'SH'
+exec >/boot-test.result 2>&1
+http() { # path
+    exec 3<>/dev/tcp/127.0.0.1/9901
+    printf 'GET %s HTTP/1.1
+Host: kaproxy
+Connection: close
+
+' "$1" >&3
+    timeout 5 cat <&3
+    exec 3<&-
+}
+for _ in $(seq 100); do http /healthz 2>/dev/null | grep -q '200 OK' && break; sleep 0.1; done
+echo "active=$(systemctl is-active kaproxy)"
+pid=$(systemctl show -p MainPID --value kaproxy)
+echo "uid=$(stat -c %u /proc/$pid)"
+grep -E '^(NoNewPrivs|Seccomp|CapEff|CapAmb):' /proc/$pid/status | tr -d '	' | sed 's/:/=/'
+echo "nofile=$(awk '/Max open files/ {print $4}' /proc/$pid/limits)"
+# One pair through the tomcat-http route to the echo upstream: the relay
+# (splice) and /connections (TCP_INFO) run under the unit's system call filter.
+exec 4<>/dev/tcp/127.0.0.1/8000
+echo "kaproxy under systemd" >&4
+read -r -t 5 line <&4
+echo "echo=$line"
+http /connections | grep -q '"rtt_us":[0-9]' && echo "connections=tcp_info" || http /connections | tail -3
+exec 4<&-
+sleep 0.5
+http /metrics | grep -E '^kaproxy_pairs_closed_total\{route="tomcat-http",reason="completed"\}'
+systemctl stop kaproxy
+echo "stop_result=$(systemctl show -p Result --value kaproxy) exit_status=$(systemctl show -p ExecMainStatus --value kaproxy)"
+journalctl -u kaproxy -o cat --no-pager | grep -E 'route listening|kaproxy exited|SIGTERM' | head -5
+SH
+    ln -s /etc/systemd/system/boot-test.service "$BOOT/etc/systemd/system/multi-user.target.wants/boot-test.service"
+    # --private-network: the machine has only its own loopback, so the packaged
+    # ports (8000, 8010, 9901) cannot clash with anything on this host.
+    timeout 180 systemd-nspawn -q -D "$BOOT" --private-network --register=no --keep-unit --console=pipe -b \
+        </dev/null >"$WORK/boot.log" 2>&1 || true
+    [ -f "$BOOT/boot-test.result" ] || { tail -30 "$WORK/boot.log"; fail "the booted machine wrote no result"; }
+    sed 's/^/  /' "$BOOT/boot-test.result"
+    r="$BOOT/boot-test.result"
+    grep -qx 'active=active' "$r" || fail "kaproxy.service was not active"
+    uid="$(sed -n 's/^uid=//p' "$r")"
+    [ -n "$uid" ] && [ "$uid" -ge 61184 ] && [ "$uid" -le 65519 ] || fail "kaproxy did not run as a dynamic user (uid $uid)"
+    grep -qx 'NoNewPrivs=1' "$r" || fail "NoNewPrivileges is not in force"
+    grep -qx 'Seccomp=2' "$r" || fail "the system call filter is not in force"
+    grep -qx 'CapEff=0000000000000000' "$r" || fail "kaproxy holds capabilities"
+    # systemd cannot raise the limit past the hard limit the machine inherits.
+    hard="$(ulimit -Hn)"
+    [ "$hard" = unlimited ] || [ "$hard" -ge "$nofile" ] || echo "note: this host's hard RLIMIT_NOFILE is $hard, below the unit's $nofile"
+    want="$nofile"; [ "$hard" != unlimited ] && [ "$hard" -lt "$nofile" ] && want="$hard"
+    grep -qx "nofile=$want" "$r" || fail "RLIMIT_NOFILE is not the unit's LimitNOFILE ($want here)"
+    grep -qx 'echo=kaproxy under systemd' "$r" || fail "no traffic through the route under systemd"
+    grep -qx 'connections=tcp_info' "$r" || fail "/connections showed no TCP_INFO under the filter"
+    grep -q 'reason="completed"} 1' "$r" || fail "the pair did not close as completed"
+    grep -qx 'stop_result=success exit_status=0' "$r" || fail "systemctl stop did not end in success with exit 0"
+fi
+
+printf '\nPASS: the package installed in a fresh %s root, its unit verified, kaproxy check passed on the installed config, remove and purge left nothing, and kaproxy.service ran under systemd with its sandbox, relayed, and stopped cleanly\n' "$SUITE"
