@@ -176,10 +176,7 @@ fn exported(text: &str) -> BTreeMap<String, (String, String)> {
         .lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
     {
-        let name = line
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or("");
+        let name = line.split(['{', ' ']).next().unwrap_or("");
         // The family is the sample name less the suffix its type adds.
         let family = ["_bucket", "_sum", "_count", "_total", "_info", ""]
             .iter()

@@ -57,7 +57,8 @@ fn one<'a>(unit: &'a BTreeMap<String, Vec<String>>, key: &str) -> &'a str {
 }
 
 fn packaged_config() -> Config {
-    Config::load(Path::new(&format!("{ROOT}/conf/kaproxy.toml"))).expect("the packaged config loads")
+    Config::load(Path::new(&format!("{ROOT}/conf/kaproxy.toml")))
+        .expect("the packaged config loads")
 }
 
 #[test]
@@ -107,7 +108,9 @@ fn unit_limits_fit_the_packaged_config() {
 
     // Descriptors for every route at max_connections, even at the most workers
     // --workers allows (each route listens once per worker).
-    let nofile: u64 = one(&u, "LimitNOFILE").parse().expect("LimitNOFILE is a number");
+    let nofile: u64 = one(&u, "LimitNOFILE")
+        .parse()
+        .expect("LimitNOFILE is a number");
     let budget = kaproxy::fdlimit::budget(&cfg, 1024).expect("budget");
     let needed = budget
         .needed
@@ -248,15 +251,24 @@ fn man_pages_and_completions_are_generated_from_the_command_line() {
             "kaproxy.1 has no {section} section"
         );
     }
-    assert!(top.contains(kaproxy::cli::VERSION), "version not in kaproxy.1");
+    assert!(
+        top.contains(kaproxy::cli::VERSION),
+        "version not in kaproxy.1"
+    );
     for sub in &subcommands {
         let page = read(&format!("man/kaproxy-{sub}.1"));
         assert!(page.contains(&format!(".TH kaproxy-{sub} 1")), "{page}");
-        assert!(top.contains(&format!("kaproxy\\-{sub}(1)")), "kaproxy.1 does not list {sub}");
+        assert!(
+            top.contains(&format!("kaproxy\\-{sub}(1)")),
+            "kaproxy.1 does not list {sub}"
+        );
     }
     // Every long option of forward, in its page and in each shell's script.
     let forward = cmd.find_subcommand("forward").unwrap();
-    let longs: Vec<&str> = forward.get_arguments().filter_map(|a| a.get_long()).collect();
+    let longs: Vec<&str> = forward
+        .get_arguments()
+        .filter_map(|a| a.get_long())
+        .collect();
     assert!(longs.contains(&"client-keepalive"), "{longs:?}");
     let forward_page = read("man/kaproxy-forward.1");
     let scripts = [
@@ -270,7 +282,10 @@ fn man_pages_and_completions_are_generated_from_the_command_line() {
             "--{long} missing from kaproxy-forward.1"
         );
         for s in &scripts {
-            assert!(s.contains(long), "--{long} missing from a completion script");
+            assert!(
+                s.contains(long),
+                "--{long} missing from a completion script"
+            );
         }
     }
     for s in &scripts {
@@ -290,7 +305,10 @@ fn man_pages_and_completions_are_generated_from_the_command_line() {
             .is_ok_and(|o| o.status.success());
         if !present {
             // Only bash is required: zsh and fish are checked where installed.
-            assert_ne!(shell, "bash", "bash is not installed (apt-get install {package})");
+            assert_ne!(
+                shell, "bash",
+                "bash is not installed (apt-get install {package})"
+            );
             eprintln!("not checked: {shell} is not installed");
             continue;
         }
@@ -309,7 +327,10 @@ fn man_pages_and_completions_are_generated_from_the_command_line() {
 
 #[test]
 fn version_names_the_git_commit() {
-    let out = Command::new(common::bin()).arg("--version").output().unwrap();
+    let out = Command::new(common::bin())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let rest = text
@@ -327,9 +348,13 @@ fn version_names_the_git_commit() {
     match head {
         Some(head) => assert_eq!(rest, head, "--version says {rest}, HEAD is {head}"),
         None => {
-            assert!(!under_ci(), "CI builds from a git clone: git rev-parse failed");
             assert!(
-                rest == "unknown" || (rest.len() >= 7 && rest.chars().all(|c| c.is_ascii_hexdigit())),
+                !under_ci(),
+                "CI builds from a git clone: git rev-parse failed"
+            );
+            assert!(
+                rest == "unknown"
+                    || (rest.len() >= 7 && rest.chars().all(|c| c.is_ascii_hexdigit())),
                 "{rest}"
             );
         }
