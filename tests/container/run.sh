@@ -89,11 +89,13 @@ COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 "${PODMAN[@]}" image inspect "$IMAGE" --format '{{json .Config.Healthcheck}}' | grep -q healthcheck || fail "image has no HEALTHCHECK"
 
 step "the image's --version names the commit"
-"${PODMAN[@]}" run --rm "$IMAGE" --version | tee "$WORK/version"
+"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" --version | tee "$WORK/version"
 grep -q "(commit $COMMIT)" "$WORK/version" || fail "--version does not name commit $COMMIT"
 
 step "the image checks its built-in config"
-"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" check | head -4
+# Whole output to a file first: head closing the pipe early makes podman fail (EPIPE).
+"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" check >"$WORK/check"
+head -4 "$WORK/check"
 
 step "run with a mounted config in front of an upstream on the host"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
