@@ -4,7 +4,8 @@
 #      definitions (examples/generate.rs) into target/assets;
 #   2. cargo deb: the release binary, the systemd unit, the example config as a
 #      conffile, the man pages (gzipped) and completions.
-# Needs cargo-deb (cargo install cargo-deb). Prints the package's path last.
+# Needs cargo-deb (cargo install cargo-deb). Prints the paths of the package
+# (.deb) and of its debug symbols (kaproxy-dbgsym_*.ddeb).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

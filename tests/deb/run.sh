@@ -45,7 +45,7 @@ if [ -n "${KAPROXY_DEB:-}" ]; then
     DEB="$KAPROXY_DEB"
 else
     step "build the package (scripts/build-deb.sh)"
-    DEB="$(./scripts/build-deb.sh | tail -1)"
+    DEB="$(./scripts/build-deb.sh | grep '\.deb$' | tail -1)"
 fi
 [ -f "$DEB" ] || fail "no package at $DEB"
 echo "$DEB"
