@@ -6,7 +6,7 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 # Manifests first with placeholder sources: the compiled dependencies form a
 # layer that is reused while only kaproxy's own sources change.
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir -p src benches/relay \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
@@ -14,6 +14,10 @@ RUN mkdir -p src benches/relay \
     && cargo build --release --locked --bin kaproxy
 COPY src ./src
 COPY benches ./benches
+# The context has no .git: `kaproxy --version` names the commit given here
+# (docker build --build-arg KAPROXY_GIT_COMMIT=$(git rev-parse --short HEAD)),
+# else "unknown".
+ARG KAPROXY_GIT_COMMIT=""
 # COPY keeps the context's timestamps, which can be older than the placeholder
 # build: touch, so cargo rebuilds kaproxy instead of shipping the placeholder.
 RUN touch src/main.rs src/lib.rs \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up what the tests need and runs them all: formatting, lints, unit and
-# integration tests (including the half-dead tests in private network namespaces).
+# integration tests (including the half-dead tests in private network namespaces),
+# then the Debian package in a fresh root (tests/deb/run.sh).
 #
 # As root it installs nftables, iproute2, util-linux (unshare), tomcat10, haproxy,
 # nginx and libnginx-mod-stream with apt-get;
@@ -23,6 +24,13 @@ command -v script >/dev/null 2>&1 || need_pkgs+=(bsdutils)
 [ -x /usr/sbin/haproxy ] || need_pkgs+=(haproxy)
 [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)
+# Packaging: systemd-analyze verifies the unit; tests/deb/run.sh installs the
+# .deb in a debootstrap root and boots it with systemd-nspawn.
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
+command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
+command -v systemd-nspawn >/dev/null 2>&1 || need_pkgs+=(systemd-container)
+# scripts/syscall-check.sh traces kaproxy against the unit's system call filter.
+command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${need_pkgs[*]}"
@@ -45,3 +53,25 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked --all-targets
+
+# Every system call kaproxy makes is in the unit's SystemCallFilter=@system-service.
+if command -v strace >/dev/null 2>&1 && command -v systemd-analyze >/dev/null 2>&1; then
+    scripts/syscall-check.sh target/debug/kaproxy
+elif [ "${CI:-}" = true ]; then
+    echo "scripts/syscall-check.sh needs strace and systemd-analyze; under CI=true this is a failure" >&2
+    exit 1
+else
+    echo "skipped: scripts/syscall-check.sh needs strace and systemd-analyze"
+fi
+
+# The Debian package, built and installed in a fresh root (needs root). cargo-deb
+# stays installed in ~/.cargo/bin, and the pristine root in /var/cache, for later runs.
+if [ "$(id -u)" = 0 ]; then
+    command -v cargo-deb >/dev/null 2>&1 || cargo install --locked --version 3.8.0 cargo-deb
+    tests/deb/run.sh
+elif [ "${CI:-}" = true ]; then
+    echo "tests/deb/run.sh needs root; under CI=true this is a failure" >&2
+    exit 1
+else
+    echo "skipped: tests/deb/run.sh (the Debian package in a fresh root) needs root"
+fi

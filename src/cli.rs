@@ -12,12 +12,23 @@ use crate::config::{
 };
 use crate::telemetry::LogFormat;
 
+pub mod generate;
+
 /// Where `run` and `check` look when neither -c nor KAPROXY_CONFIG is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/kaproxy/kaproxy.toml";
 
+/// `kaproxy --version`: the package version and the git commit it was built
+/// from (build.rs; "unknown" when built without git or a crate's vcs info).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KAPROXY_GIT_COMMIT"),
+    ")"
+);
+
 /// kaproxy: TCP forwarding with per-side keepalive that closes half-dead connection pairs.
 #[derive(Debug, Parser)]
-#[command(name = "kaproxy", version, about, propagate_version = true)]
+#[command(name = "kaproxy", version = VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// Log output format (the filter comes from KAPROXY_LOG, default "info").
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]

@@ -82,13 +82,20 @@ fi
 
 step "podman build of the Dockerfile, unchanged"
 # RUN steps share the host network so cargo can reach the crate registry.
-"${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" -t "$IMAGE" . 2>&1 | tail -5
+COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+"${PODMAN[@]}" build --format docker --network host "${ULIMITS[@]}" --build-arg KAPROXY_GIT_COMMIT="$COMMIT" -t "$IMAGE" . 2>&1 | tail -5
 "${PODMAN[@]}" image inspect "$IMAGE" --format 'image size {{.Size}} bytes, user {{.Config.User}}, entrypoint {{.Config.Entrypoint}} {{.Config.Cmd}}, stop signal {{.Config.StopSignal}}'
 [ "$("${PODMAN[@]}" image inspect "$IMAGE" --format '{{.Config.User}}')" = "10001:10001" ] || fail "image does not run as the non-root user"
 "${PODMAN[@]}" image inspect "$IMAGE" --format '{{json .Config.Healthcheck}}' | grep -q healthcheck || fail "image has no HEALTHCHECK"
 
+step "the image's --version names the commit"
+"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" --version | tee "$WORK/version"
+grep -q "(commit $COMMIT)" "$WORK/version" || fail "--version does not name commit $COMMIT"
+
 step "the image checks its built-in config"
-"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" check | head -4
+# Whole output to a file first: head closing the pipe early makes podman fail (EPIPE).
+"${PODMAN[@]}" run --rm "${ULIMITS[@]}" "$IMAGE" check >"$WORK/check"
+head -4 "$WORK/check"
 
 step "run with a mounted config in front of an upstream on the host"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
