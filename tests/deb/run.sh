@@ -16,7 +16,8 @@
 #      (systemd-nspawn --boot, private network): kaproxy.service starts as a
 #      dynamic user under its sandbox (no capabilities, no_new_privs, seccomp),
 #      relays a connection to an echo upstream, serves TCP_INFO on /connections,
-#      and `systemctl stop` drains it to exit 0.
+#      `systemctl reload` applies an added route without dropping the live
+#      pair, and `systemctl stop` drains it to exit 0.
 # Needs root, debootstrap, cargo-deb, systemd-nspawn (systemd-container).
 # scripts/test.sh runs it (CI); by hand:
 #   sudo tests/deb/run.sh
@@ -181,6 +182,28 @@ echo "kaproxy under systemd" >&4
 read -r -t 5 line <&4
 echo "echo=$line"
 http /connections | grep -q '"rtt_us":[0-9]' && echo "connections=tcp_info" || http /connections | tail -3
+# systemctl reload: check, then SIGHUP. A route added to the file starts, the
+# live pair carries on, and it is the same process.
+cat >>/etc/kaproxy/kaproxy.toml <<'TOML'
+
+[[route]]
+name = "added-by-reload"
+listen = "127.0.0.1:8020"
+[route.upstream]
+servers = ["127.0.0.1:8080"]
+TOML
+systemctl reload kaproxy && echo "reload=ok"
+for _ in $(seq 50); do journalctl -u kaproxy -o cat --no-pager | grep -q 'configuration reloaded' && break; sleep 0.1; done
+journalctl -u kaproxy -o cat --no-pager | grep -q 'configuration reloaded' && echo "reloaded=logged"
+echo "same_pid=$([ "$(systemctl show -p MainPID --value kaproxy)" = "$pid" ] && echo yes || echo no)"
+echo "still here" >&4
+read -r -t 5 line <&4
+echo "after_reload=$line"
+exec 5<>/dev/tcp/127.0.0.1/8020
+echo "new route" >&5
+read -r -t 5 line <&5
+echo "added=$line"
+exec 5<&-
 exec 4<&-
 sleep 0.5
 http /metrics | grep -E '^kaproxy_pairs_closed_total\{route="tomcat-http",reason="completed"\}'
@@ -209,6 +232,11 @@ SH
     grep -qx "nofile=$want" "$r" || fail "RLIMIT_NOFILE is not the unit's LimitNOFILE ($want here)"
     grep -qx 'echo=kaproxy under systemd' "$r" || fail "no traffic through the route under systemd"
     grep -qx 'connections=tcp_info' "$r" || fail "/connections showed no TCP_INFO under the filter"
+    grep -qx 'reload=ok' "$r" || fail "systemctl reload failed"
+    grep -qx 'reloaded=logged' "$r" || fail "kaproxy did not log the reload"
+    grep -qx 'same_pid=yes' "$r" || fail "the reload restarted kaproxy"
+    grep -qx 'after_reload=still here' "$r" || fail "the live pair did not survive the reload"
+    grep -qx 'added=new route' "$r" || fail "the route added by the reload does not forward"
     grep -q 'reason="completed"} 1' "$r" || fail "the pair did not close as completed"
     grep -qx 'stop_result=success exit_status=0' "$r" || fail "systemctl stop did not end in success with exit 0"
 fi
