@@ -13,6 +13,7 @@
 //! - [`workers`]: the worker threads, one single-threaded runtime each, where pairs live.
 //! - [`fdlimit`]: RLIMIT_NOFILE against what the routes' max_connections need.
 //! - [`app`]: wires routes to listeners and owns the shutdown path.
+//! - [`tls`]: rustls configs built once per route, handshakes on the raw sockets, session info.
 //! - [`cli`]: the command line, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -29,4 +30,5 @@ pub mod pair;
 pub mod pool;
 pub mod probe;
 pub mod telemetry;
+pub mod tls;
 pub mod workers;

@@ -12,6 +12,7 @@ mod pool;
 mod raw;
 mod resolve;
 mod source;
+mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -27,6 +28,7 @@ pub use path_limit::{
 };
 pub use pool::parse_server;
 pub use resolve::parse_listen;
+pub use tls::{CaSource, CertFiles, ClientTls, TlsVersion, UpstreamTls, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// Built-in keepalive idle time for both sides.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -107,6 +109,8 @@ pub struct ClientSpec {
     /// Every connection must start with a PROXY header (v1 or v2), received
     /// within this time; `None` = no header expected.
     pub proxy_protocol: Option<Duration>,
+    /// Terminate TLS from clients; `None` = plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 /// Upstream side of a route.
@@ -131,6 +135,8 @@ pub struct UpstreamSpec {
     pub path_idle_limit: Option<PathIdleLimit>,
     /// The PROXY header sent first on every upstream connection.
     pub send_proxy: SendProxy,
+    /// Originate TLS to the servers; `None` = plain TCP.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which PROXY header kaproxy sends to the upstream, if any.

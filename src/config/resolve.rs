@@ -420,6 +420,24 @@ pub(super) fn resolve(
                 }
             }
         }
+        // TLS of both sides, inherited from [defaults] field by field (config/tls.rs).
+        let base = super::tls::base_dir(file);
+        let d = raw.defaults.as_ref();
+        let client_tls = super::tls::client_tls(
+            &ctx,
+            d.and_then(|d| d.client.as_ref()).and_then(|c| c.tls.as_ref()),
+            r.client.as_ref().and_then(|c| c.tls.as_ref()),
+            &at("client.tls"),
+            route_span.clone(),
+            &base,
+        )?;
+        let upstream_tls = super::tls::upstream_tls(
+            &ctx,
+            d.and_then(|d| d.upstream.as_ref()).and_then(|u| u.tls.as_ref()),
+            upstream_raw.and_then(|u| u.tls.as_ref()),
+            &at("upstream.tls"),
+            &base,
+        )?;
         routes.push(Route {
             name,
             listen,
@@ -436,6 +454,7 @@ pub(super) fn resolve(
                             .or(defaults.proxy_protocol_timeout)
                             .unwrap_or(DEFAULT_PROXY_PROTOCOL_TIMEOUT)
                     }),
+                tls: client_tls,
             },
             upstream: UpstreamSpec {
                 servers,
@@ -453,6 +472,7 @@ pub(super) fn resolve(
                     .send_proxy
                     .or(defaults.send_proxy)
                     .unwrap_or(SendProxy::Off),
+                tls: upstream_tls,
             },
             idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
             half_close_timeout: layer

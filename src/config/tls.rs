@@ -1,0 +1,398 @@
+//! `[route.client.tls]` and `[route.upstream.tls]`: the raw tables, their
+//! inheritance from `[defaults]` (field by field), and resolution. Every file
+//! named is loaded and checked here (PEM parse, key matches certificate), so a
+//! bad file is a configuration error naming the file, line and field.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::raw::{Merge, SStr};
+use super::source::{positive_duration, Ctx};
+use super::ConfigError;
+use crate::tls::files;
+
+/// Handshake timeout of either side when the config names none.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `[route.client.tls]`: terminate TLS from clients.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientTls {
+    /// `false` turns off TLS inherited from `[defaults]`.
+    pub enabled: Option<Spanned<bool>>,
+    /// Certificate and key pairs; the first is the default.
+    pub certificates: Option<Spanned<Vec<Spanned<RawCertificate>>>>,
+    /// CA file client certificates must chain to; required when set.
+    pub client_ca: Option<SStr>,
+    /// "1.2" or "1.3".
+    pub min_version: Option<SStr>,
+    /// Protocols offered by ALPN.
+    pub alpn: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Bound on the handshake.
+    pub handshake_timeout: Option<SStr>,
+}
+
+/// One `{ cert = "...", key = "..." }` entry.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    /// PEM certificate chain, end-entity first.
+    pub cert: Option<SStr>,
+    /// PEM private key.
+    pub key: Option<SStr>,
+}
+
+/// `[route.upstream.tls]`: originate TLS to the servers.
+#[derive(Debug, Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    /// `false` turns off TLS inherited from `[defaults]`.
+    pub enabled: Option<Spanned<bool>>,
+    /// "system" or a PEM file of trusted CAs.
+    pub ca: Option<SStr>,
+    /// SNI and the name verified.
+    pub server_name: Option<SStr>,
+    /// Client certificate presented to the servers.
+    pub client_cert: Option<SStr>,
+    /// Its key.
+    pub client_key: Option<SStr>,
+    /// Accept any server certificate.
+    pub insecure_skip_verify: Option<Spanned<bool>>,
+    /// Bound on the handshake.
+    pub handshake_timeout: Option<SStr>,
+}
+
+impl Merge for RawClientTls {
+    fn merge(self, over: Self) -> Self {
+        RawClientTls {
+            enabled: over.enabled.or(self.enabled),
+            certificates: over.certificates.or(self.certificates),
+            client_ca: over.client_ca.or(self.client_ca),
+            min_version: over.min_version.or(self.min_version),
+            alpn: over.alpn.or(self.alpn),
+            handshake_timeout: over.handshake_timeout.or(self.handshake_timeout),
+        }
+    }
+}
+
+impl Merge for RawUpstreamTls {
+    fn merge(self, over: Self) -> Self {
+        RawUpstreamTls {
+            enabled: over.enabled.or(self.enabled),
+            ca: over.ca.or(self.ca),
+            server_name: over.server_name.or(self.server_name),
+            client_cert: over.client_cert.or(self.client_cert),
+            client_key: over.client_key.or(self.client_key),
+            insecure_skip_verify: over.insecure_skip_verify.or(self.insecure_skip_verify),
+            handshake_timeout: over.handshake_timeout.or(self.handshake_timeout),
+        }
+    }
+}
+
+/// A certificate chain file and its key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertFiles {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+}
+
+/// Lowest TLS version accepted from clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    V1_2,
+    /// TLS 1.3 only.
+    V1_3,
+}
+
+impl TlsVersion {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        }
+    }
+}
+
+/// Resolved `[route.client.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// At least one; the first is the default, the others chosen by SNI.
+    pub certificates: Vec<CertFiles>,
+    /// Require client certificates signed by these CAs.
+    pub client_ca: Option<PathBuf>,
+    /// Lowest version accepted.
+    pub min_version: TlsVersion,
+    /// ALPN protocols offered, in order of preference.
+    pub alpn: Vec<String>,
+    /// Bound on the handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// Where the upstream side's trusted CAs come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// The operating system's trust store.
+    System,
+    /// A PEM file.
+    File(PathBuf),
+}
+
+/// Resolved `[route.upstream.tls]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// Trusted CAs.
+    pub ca: CaSource,
+    /// SNI and the verified name; `None` = each server's host.
+    pub server_name: Option<String>,
+    /// Client certificate for mutual TLS.
+    pub client_cert: Option<CertFiles>,
+    /// Accept any server certificate (warned about loudly).
+    pub insecure_skip_verify: bool,
+    /// Bound on the handshake.
+    pub handshake_timeout: Duration,
+}
+
+/// A path from the config, relative to the config file's directory.
+fn path_in(base: &Path, s: &SStr) -> PathBuf {
+    let p = Path::new(s.get_ref().trim());
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn file_err<T>(
+    ctx: &Ctx<'_>,
+    s: &SStr,
+    field: &str,
+    e: files::FileError,
+    hint: &str,
+) -> Result<T, ConfigError> {
+    ctx.err(s.span(), field, e.to_string(), hint)
+}
+
+/// Directory relative paths in `file` resolve against.
+pub(super) fn base_dir(file: &str) -> PathBuf {
+    Path::new(file)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+}
+
+fn enabled(t: &Option<Spanned<bool>>) -> bool {
+    t.as_ref().is_none_or(|e| *e.get_ref())
+}
+
+/// `[route.client.tls]` over `[defaults.client.tls]`; `None` when neither asks for TLS.
+pub(super) fn client_tls(
+    ctx: &Ctx<'_>,
+    defaults: Option<&RawClientTls>,
+    route: Option<&RawClientTls>,
+    field: &str,
+    table_span: Range<usize>,
+    base: &Path,
+) -> Result<Option<ClientTls>, ConfigError> {
+    let raw = match (defaults.cloned(), route.cloned()) {
+        (None, None) => return Ok(None),
+        (Some(d), Some(r)) => d.merge(r),
+        (Some(t), None) | (None, Some(t)) => t,
+    };
+    if !enabled(&raw.enabled) {
+        return Ok(None);
+    }
+    let at = |f: &str| format!("{field}.{f}");
+    let Some(list) = raw.certificates.as_ref().filter(|l| !l.get_ref().is_empty()) else {
+        return ctx.err(
+            raw.certificates.as_ref().map_or(table_span, |l| l.span()),
+            &at("certificates"),
+            "TLS towards clients needs at least one certificate",
+            "certificates = [{ cert = \"site.pem\", key = \"site.key\" }]",
+        );
+    };
+    let mut certificates = Vec::new();
+    for (i, entry) in list.get_ref().iter().enumerate() {
+        let f = at(&format!("certificates[{i}]"));
+        let e = entry.get_ref();
+        let (Some(cert), Some(key)) = (&e.cert, &e.key) else {
+            return ctx.err(
+                entry.span(),
+                &f,
+                "each certificate needs both cert and key",
+                "{ cert = \"site.pem\", key = \"site.key\" }",
+            );
+        };
+        let files = CertFiles {
+            cert: path_in(base, cert),
+            key: path_in(base, key),
+        };
+        if let Err(err) = files::load_certified_key(&files.cert, &files.key) {
+            let s = if err.path == files.cert { cert } else { key };
+            return file_err(
+                ctx,
+                s,
+                &f,
+                err,
+                "give a PEM certificate chain (end-entity first) and its PEM private key",
+            );
+        }
+        certificates.push(files);
+    }
+    let client_ca = match &raw.client_ca {
+        Some(s) => {
+            let path = path_in(base, s);
+            if let Err(e) = files::load_certs(&path) {
+                return file_err(ctx, s, &at("client_ca"), e, "give a PEM file of CA certificates");
+            }
+            Some(path)
+        }
+        None => None,
+    };
+    let min_version = match &raw.min_version {
+        None => TlsVersion::V1_2,
+        Some(s) => match s.get_ref().trim() {
+            "1.2" => TlsVersion::V1_2,
+            "1.3" => TlsVersion::V1_3,
+            other => {
+                return ctx.err(
+                    s.span(),
+                    &at("min_version"),
+                    format!("{other:?} is not a TLS version kaproxy accepts"),
+                    "use \"1.2\" (the default) or \"1.3\"",
+                )
+            }
+        },
+    };
+    let mut alpn = Vec::new();
+    for p in raw.alpn.iter().flat_map(|l| l.get_ref()) {
+        let v = p.get_ref();
+        if v.is_empty() || v.len() > 255 {
+            return ctx.err(
+                p.span(),
+                &at("alpn"),
+                format!("{v:?} is not a protocol name ALPN can carry (1 to 255 bytes)"),
+                "e.g. alpn = [\"h2\", \"http/1.1\"]",
+            );
+        }
+        alpn.push(v.clone());
+    }
+    Ok(Some(ClientTls {
+        certificates,
+        client_ca,
+        min_version,
+        alpn,
+        handshake_timeout: handshake_timeout(ctx, &raw.handshake_timeout, &at("handshake_timeout"))?,
+    }))
+}
+
+fn handshake_timeout(
+    ctx: &Ctx<'_>,
+    s: &Option<SStr>,
+    field: &str,
+) -> Result<Duration, ConfigError> {
+    match s {
+        Some(s) => positive_duration(ctx, s, field),
+        None => Ok(DEFAULT_HANDSHAKE_TIMEOUT),
+    }
+}
+
+/// `[route.upstream.tls]` over `[defaults.upstream.tls]`; `None` when neither asks for TLS.
+pub(super) fn upstream_tls(
+    ctx: &Ctx<'_>,
+    defaults: Option<&RawUpstreamTls>,
+    route: Option<&RawUpstreamTls>,
+    field: &str,
+    base: &Path,
+) -> Result<Option<UpstreamTls>, ConfigError> {
+    let raw = match (defaults.cloned(), route.cloned()) {
+        (None, None) => return Ok(None),
+        (Some(d), Some(r)) => d.merge(r),
+        (Some(t), None) | (None, Some(t)) => t,
+    };
+    if !enabled(&raw.enabled) {
+        return Ok(None);
+    }
+    let at = |f: &str| format!("{field}.{f}");
+    let ca = match &raw.ca {
+        None => CaSource::System,
+        Some(s) if s.get_ref().trim() == "system" => CaSource::System,
+        Some(s) => {
+            let path = path_in(base, s);
+            if let Err(e) = files::load_certs(&path) {
+                return file_err(
+                    ctx,
+                    s,
+                    &at("ca"),
+                    e,
+                    "use \"system\" (the OS trust store) or a PEM file of CA certificates",
+                );
+            }
+            CaSource::File(path)
+        }
+    };
+    let server_name = match &raw.server_name {
+        None => None,
+        Some(s) => {
+            let name = s.get_ref().trim().to_string();
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return ctx.err(
+                    s.span(),
+                    &at("server_name"),
+                    format!("{name:?} is not a DNS name or IP address"),
+                    "e.g. server_name = \"tomcat.internal\"",
+                );
+            }
+            Some(name)
+        }
+    };
+    let client_cert = match (&raw.client_cert, &raw.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => {
+            let files = CertFiles {
+                cert: path_in(base, cert),
+                key: path_in(base, key),
+            };
+            if let Err(err) = files::load_certified_key(&files.cert, &files.key) {
+                let (s, f) = if err.path == files.cert {
+                    (cert, "client_cert")
+                } else {
+                    (key, "client_key")
+                };
+                return file_err(
+                    ctx,
+                    s,
+                    &at(f),
+                    err,
+                    "give a PEM certificate chain and its PEM private key",
+                );
+            }
+            Some(files)
+        }
+        (Some(s), None) | (None, Some(s)) => {
+            return ctx.err(
+                s.span(),
+                &at("client_cert"),
+                "client_cert and client_key go together",
+                "set both, or neither",
+            )
+        }
+    };
+    Ok(Some(UpstreamTls {
+        ca,
+        server_name,
+        client_cert,
+        insecure_skip_verify: raw
+            .insecure_skip_verify
+            .as_ref()
+            .is_some_and(|b| *b.get_ref()),
+        handshake_timeout: handshake_timeout(ctx, &raw.handshake_timeout, &at("handshake_timeout"))?,
+    }))
+}
