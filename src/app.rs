@@ -164,6 +164,13 @@ impl App {
             let route_metrics = pair::route_metrics(&metrics, &route.name);
             let limits = pair::relay::RelayLimits::of(&route);
             let max_connections = pair::route_limit(&route, &route_metrics);
+            // Built once per route; a failure (a file changed since the
+            // config was checked) fails the start, naming the file.
+            let tls = pair::tls::RouteTls::build(&route, &metrics).map_err(|e| StartError {
+                route: format!("route \"{}\"", route.name),
+                what: "cannot set up TLS".to_string(),
+                source: std::io::Error::other(e),
+            })?;
             let state = Arc::new(RouteState {
                 max_connections,
                 pool: Arc::new(Pool::new(&route.name, &route.upstream, metrics.clone())),
@@ -173,6 +180,7 @@ impl App {
                 registry: registry.clone(),
                 metrics: route_metrics,
                 limits,
+                tls,
             });
             admin_routes.push((state.clone(), addr));
             if let Some(check) = health_check {

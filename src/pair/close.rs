@@ -78,11 +78,15 @@ pub enum CloseReason {
     ClientProtocolError,
     /// kaproxy shut down before the pair finished.
     Shutdown,
+    /// The TLS handshake with the client failed or timed out.
+    ClientTlsError,
+    /// The TLS handshake with the upstream failed or timed out.
+    UpstreamTlsError,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order ([`CloseReason::index`]).
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 16] = [
         CloseReason::Completed,
         CloseReason::ClientDead,
         CloseReason::UpstreamDead,
@@ -97,6 +101,8 @@ impl CloseReason {
         CloseReason::UpstreamStalled,
         CloseReason::ClientProtocolError,
         CloseReason::Shutdown,
+        CloseReason::ClientTlsError,
+        CloseReason::UpstreamTlsError,
     ];
 
     /// Position in [`CloseReason::ALL`].
@@ -124,6 +130,8 @@ impl CloseReason {
             CloseReason::UpstreamStalled => "upstream_stalled",
             CloseReason::ClientProtocolError => "client_protocol_error",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::ClientTlsError => "client_tls_error",
+            CloseReason::UpstreamTlsError => "upstream_tls_error",
         }
     }
 
@@ -132,6 +140,25 @@ impl CloseReason {
         match side {
             Side::Client => CloseReason::ClientDead,
             Side::Upstream => CloseReason::UpstreamDead,
+        }
+    }
+
+    /// `*_tls_error` for `side`.
+    pub fn tls_error(side: Side) -> CloseReason {
+        match side {
+            Side::Client => CloseReason::ClientTlsError,
+            Side::Upstream => CloseReason::UpstreamTlsError,
+        }
+    }
+
+    /// The side whose TLS handshake failed. That socket is closed with FIN,
+    /// not RST, so that the alert kaproxy sent (unknown CA, ...) reaches the
+    /// peer instead of being thrown away with the send queue.
+    pub fn tls_failed_side(self) -> Option<Side> {
+        match self {
+            CloseReason::ClientTlsError => Some(Side::Client),
+            CloseReason::UpstreamTlsError => Some(Side::Upstream),
+            _ => None,
         }
     }
 
@@ -173,11 +200,13 @@ impl CloseReason {
             CloseReason::ClientDead
             | CloseReason::ClientReset
             | CloseReason::ClientError
-            | CloseReason::ClientProtocolError => Some(Side::Client),
+            | CloseReason::ClientProtocolError
+            | CloseReason::ClientTlsError => Some(Side::Client),
             CloseReason::UpstreamDead
             | CloseReason::UpstreamReset
             | CloseReason::UpstreamError
-            | CloseReason::ConnectFailed => Some(Side::Upstream),
+            | CloseReason::ConnectFailed
+            | CloseReason::UpstreamTlsError => Some(Side::Upstream),
             _ => None,
         }
     }
@@ -292,5 +321,15 @@ mod tests {
         );
         assert_eq!(CloseReason::ClientDead.failed_side(), Some(Side::Client));
         assert_eq!(CloseReason::Completed.failed_side(), None);
+        assert_eq!(CloseReason::ClientTlsError.as_str(), "client_tls_error");
+        assert_eq!(CloseReason::UpstreamTlsError.as_str(), "upstream_tls_error");
+        assert_eq!(
+            CloseReason::UpstreamTlsError.failed_side(),
+            Some(Side::Upstream)
+        );
+        assert_eq!(
+            CloseReason::tls_error(Side::Client).tls_failed_side(),
+            Some(Side::Client)
+        );
     }
 }

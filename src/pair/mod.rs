@@ -7,6 +7,7 @@ pub mod limit;
 mod proxy_header;
 pub mod registry;
 pub mod relay;
+pub mod tls;
 pub mod watchdog;
 
 use std::future::Future;
@@ -49,6 +50,8 @@ pub struct RouteState {
     pub limits: RelayLimits,
     /// The route's `max_connections` slots; `None` when unlimited.
     pub max_connections: Option<Arc<limit::Limit>>,
+    /// The route's TLS configs, built once; `None` for a plain route.
+    pub tls: Option<Box<tls::RouteTls>>,
 }
 
 /// The slots of a route with `max_connections`, recording into its metrics.
@@ -145,6 +148,25 @@ pub fn run(
             who: &who,
         };
 
+        // TLS on either side: its own path (pair/tls.rs), boxed, so that a
+        // plain pair's task does not grow by a byte.
+        if let Some(tls) = route.tls.as_deref() {
+            let (client, who, stats, cancel) = (&client, &who, &stats, &cancel);
+            Box::pin(tls::serve(
+                tls,
+                &route,
+                client,
+                who,
+                registration,
+                stats,
+                destination,
+                cancel,
+                close,
+            ))
+            .await;
+            return;
+        }
+
         // The client socket already carries its keepalive options: it
         // inherited them from the listening socket (see sockopt::bind_listener).
 
@@ -154,40 +176,10 @@ pub fn run(
         // whole life. The block keeps the connect result itself out of the
         // task's state during the relay.
         let (up_addr, _active) = {
-            let send_proxy = route.route.upstream.send_proxy;
             // `destination` moves into the boxed future (the rest is borrowed),
             // so the task keeps no slot for it.
-            let connected = {
-                let (route, client, who, cancel) = (&route, &client, &who, &cancel);
-                Box::pin(async move {
-                    let c = tokio::select! {
-                        c = connect::connect(&route.route.upstream, &route.pool) => c,
-                        _ = cancel.cancelled() => return None,
-                    };
-                    // The PROXY header goes before any relayed byte (and before
-                    // a TLS handshake): the original client, and the address it
-                    // connected to (the received header's, else kaproxy's own).
-                    let Ok(c) = c else {
-                        return Some(c.map(|c| (c, None)));
-                    };
-                    // Only then: getsockname would cost every pair a syscall.
-                    let header = match send_proxy {
-                        SendProxy::Off => None,
-                        version => destination
-                            .or_else(|| client.local_addr().ok())
-                            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
-                    };
-                    let sent = match header {
-                        Some(h) => proxy_header::send(&c.stream, &h)
-                            .await
-                            .err()
-                            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
-                        None => None,
-                    };
-                    Some(Ok((c, sent)))
-                })
-            }
-            .await;
+            let connected =
+                Box::pin(connect_upstream(&route, &client, &who, &cancel, destination)).await;
             match connected {
                 Some(Ok((c, failed_send))) => {
                     log_failed_attempts(&who, &route.name, &registration, &c.failed);
@@ -224,6 +216,47 @@ pub fn run(
             None,
         );
     }
+}
+
+/// What [`connect_upstream`] gives: `None` when cancelled; else the connect
+/// result, with the error of sending the PROXY header if that failed.
+type Connecting<'r> =
+    Option<Result<(connect::Connected<'r>, Option<close::SideError>), connect::ConnectError>>;
+
+/// Connects to a server of the route and sends the PROXY header first when
+/// the route says so. Boxed by callers: its state only lives until then.
+async fn connect_upstream<'r>(
+    route: &'r RouteState,
+    client: &TcpStream,
+    who: &PairId,
+    cancel: &CancellationToken,
+    destination: Option<SocketAddr>,
+) -> Connecting<'r> {
+    let c = tokio::select! {
+        c = connect::connect(&route.route.upstream, &route.pool) => c,
+        _ = cancel.cancelled() => return None,
+    };
+    // The PROXY header goes before any relayed byte (and before a TLS
+    // handshake): the original client, and the address it connected to (the
+    // received header's, else kaproxy's own).
+    let Ok(c) = c else {
+        return Some(c.map(|c| (c, None)));
+    };
+    // Only then: getsockname would cost every pair a syscall.
+    let header = match route.route.upstream.send_proxy {
+        SendProxy::Off => None,
+        version => destination
+            .or_else(|| client.local_addr().ok())
+            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
+    };
+    let sent = match header {
+        Some(h) => proxy_header::send(&c.stream, &h)
+            .await
+            .err()
+            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
+        None => None,
+    };
+    Some(Ok((c, sent)))
 }
 
 /// One warning per failed connect attempt, in the pair's span, made only when
@@ -325,6 +358,11 @@ impl Close<'_> {
         let upstream = upstream.map(|(s, _)| s);
         for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
             let Some(sock) = sock else { continue };
+            // A failed TLS handshake: FIN, so the alert kaproxy queued gets there.
+            if end.reason.tls_failed_side() == Some(side) {
+                let _ = sockopt::discard_unread(sock, DRAIN_BEFORE_FIN);
+                continue;
+            }
             // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
             if abrupt || failed == Some(side) {
                 if let Err(e) = sockopt::reset_on_close(sock) {

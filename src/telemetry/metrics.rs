@@ -42,6 +42,13 @@ struct SideLabels {
     side: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    route: String,
+    side: &'static str,
+    reason: &'static str,
+}
+
 #[derive(Clone)]
 struct Buckets(fn() -> Histogram);
 
@@ -125,6 +132,7 @@ pub struct Metrics {
     detection: Family<SideLabels, Histogram, Buckets>,
     at_limit: Family<RouteLabel, Gauge>,
     limit_reached: Family<RouteLabel, Counter>,
+    tls_failures: Family<TlsFailureLabels, Counter>,
     log_dropped: Counter,
 }
 
@@ -155,6 +163,7 @@ impl Metrics {
             detection: Family::new_with_constructor(Buckets(detection_buckets)),
             at_limit: Family::default(),
             limit_reached: Family::default(),
+            tls_failures: Family::default(),
             log_dropped: Counter::default(),
             registry: Registry::default(),
         };
@@ -209,6 +218,11 @@ impl Metrics {
             m.limit_reached.clone(),
         );
         registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out, by side and a small stable reason (timeout, closed, certificate, negotiation, alert, protocol)",
+            m.tls_failures.clone(),
+        );
+        registry.register(
             "log_lines_dropped",
             "Log lines dropped because stdout could not keep up (the queue was full)",
             m.log_dropped.clone(),
@@ -241,6 +255,28 @@ impl Metrics {
         RouteLabel {
             route: route.to_string(),
         }
+    }
+
+    /// The TLS handshake failure counters of one route and side, one per
+    /// reason in the order given; made only for a side that has TLS.
+    pub fn tls_handshake_failures(
+        &self,
+        route: &str,
+        side: &'static str,
+        reasons: &[&'static str],
+    ) -> Box<[Counter]> {
+        reasons
+            .iter()
+            .map(|&reason| {
+                self.tls_failures
+                    .get_or_create(&TlsFailureLabels {
+                        route: route.to_string(),
+                        side,
+                        reason,
+                    })
+                    .clone()
+            })
+            .collect()
     }
 
     /// Every series of one route, created now (at zero, so that alert rules
