@@ -486,6 +486,10 @@ impl Config {
                 }
             );
             let _ = writeln!(out, "  send_proxy         = {}", u.send_proxy.as_str());
+            out.push_str(&tls::describe(
+                route.client.tls.as_ref(),
+                route.upstream.tls.as_ref(),
+            ));
             for (side, ka, limit) in [
                 (
                     "client",

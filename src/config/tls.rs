@@ -396,3 +396,95 @@ pub(super) fn upstream_tls(
         handshake_timeout: handshake_timeout(ctx, &raw.handshake_timeout, &at("handshake_timeout"))?,
     }))
 }
+
+/// What `kaproxy check` prints about a route's TLS: the settings, and for
+/// every certificate its subject, names and expiry, with a warning for one
+/// expired or expiring within 30 days and for `insecure_skip_verify`.
+pub(super) fn describe(client: Option<&ClientTls>, upstream: Option<&UpstreamTls>) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let now = std::time::SystemTime::now();
+    let certs = |out: &mut String, what: &str, path: &Path| match files::load_certs(path) {
+        Ok(chain) => {
+            for (i, der) in chain.iter().enumerate() {
+                let Some(info) = files::inspect(der) else { continue };
+                let role = if i == 0 { what } else { "  chain" };
+                let names = if info.names.is_empty() {
+                    "no subjectAltName".to_string()
+                } else {
+                    info.names.join(", ")
+                };
+                let _ = writeln!(
+                    out,
+                    "    {role} {}: {} [{names}], valid until {}",
+                    path.display(),
+                    info.subject,
+                    info.not_after_text
+                );
+                if let Some(w) = info.expiry_warning(now) {
+                    let _ = writeln!(out, "    WARNING: {} {w}", path.display());
+                }
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "    ERROR: {e}");
+        }
+    };
+    match client {
+        None => out.push_str("  client tls         = off\n"),
+        Some(t) => {
+            let _ = writeln!(
+                out,
+                "  client tls         = terminate, TLS {}+, {} certificate(s) chosen by SNI{}{}, handshake within {}",
+                t.min_version.as_str(),
+                t.certificates.len(),
+                match &t.client_ca {
+                    Some(p) => format!(", client certificate required (CA {})", p.display()),
+                    None => String::new(),
+                },
+                if t.alpn.is_empty() {
+                    String::new()
+                } else {
+                    format!(", ALPN {}", t.alpn.join(","))
+                },
+                super::fmt_duration(t.handshake_timeout)
+            );
+            for c in &t.certificates {
+                certs(&mut out, "certificate", &c.cert);
+            }
+            if let Some(p) = &t.client_ca {
+                certs(&mut out, "client CA", p);
+            }
+        }
+    }
+    match upstream {
+        None => out.push_str("  upstream tls       = off\n"),
+        Some(t) => {
+            let _ = writeln!(
+                out,
+                "  upstream tls       = originate, CA {}, server name {}{}, handshake within {}",
+                match &t.ca {
+                    CaSource::System => "system".to_string(),
+                    CaSource::File(p) => p.display().to_string(),
+                },
+                t.server_name.as_deref().unwrap_or("(each server's host)"),
+                if t.client_cert.is_some() {
+                    ", client certificate presented"
+                } else {
+                    ""
+                },
+                super::fmt_duration(t.handshake_timeout)
+            );
+            if t.insecure_skip_verify {
+                out.push_str("    WARNING: insecure_skip_verify = true: server certificates are NOT verified\n");
+            }
+            if let CaSource::File(p) = &t.ca {
+                certs(&mut out, "CA", p);
+            }
+            if let Some(c) = &t.client_cert {
+                certs(&mut out, "client certificate", &c.cert);
+            }
+        }
+    }
+    out
+}
