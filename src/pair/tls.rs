@@ -115,6 +115,9 @@ enum Failed {
     Tls(HandshakeFailure, String),
 }
 
+/// A handshake under its timeout and the shutdown token. Boxed by the
+/// callers: tokio-rustls' handshake state is large and must not stay in the
+/// pair's future for the life of the pair.
 async fn handshake<T>(
     timeout: Duration,
     cancel: &CancellationToken,
@@ -170,7 +173,8 @@ pub(super) async fn serve(
     let client_conn = match &tls.server {
         None => None,
         Some((config, timeout)) => {
-            match handshake(*timeout, cancel, tls::accept(config.clone(), client)).await {
+            match Box::pin(handshake(*timeout, cancel, tls::accept(config.clone(), client))).await
+            {
                 Ok((conn, info)) => {
                     registration.set_tls(Side::Client, info);
                     Some(Box::new(Connection::Server(conn)))
@@ -184,7 +188,8 @@ pub(super) async fn serve(
         }
     };
 
-    let (c, failed_send) = match connect_upstream(route, client, who, cancel, destination).await {
+    let connecting = Box::pin(connect_upstream(route, client, who, cancel, destination)).await;
+    let (c, failed_send) = match connecting {
         Some(Ok(c)) => c,
         Some(Err(e)) => {
             log_failed_attempts(who, &route.name, &registration, &e.attempts);
@@ -213,7 +218,8 @@ pub(super) async fn serve(
         Some((config, timeout)) => {
             let result = match tls.names.get(c.server).cloned().flatten() {
                 Some(name) => {
-                    handshake(*timeout, cancel, tls::connect(config.clone(), name, &upstream)).await
+                    let connect = tls::connect(config.clone(), name, &upstream);
+                    Box::pin(handshake(*timeout, cancel, connect)).await
                 }
                 None => Err(Failed::Tls(
                     HandshakeFailure::Protocol,
