@@ -3,7 +3,7 @@
 # integration tests (including the half-dead tests in private network namespaces).
 #
 # As root it installs nftables, iproute2, util-linux (unshare), tomcat10, haproxy,
-# nginx and libnginx-mod-stream with apt-get;
+# nginx, libnginx-mod-stream, curl, openssl and ca-certificates with apt-get;
 # without root those tests print why they are skipped, and under CI=true a
 # skipped namespace test is a failure.
 set -euo pipefail
@@ -23,6 +23,10 @@ command -v script >/dev/null 2>&1 || need_pkgs+=(bsdutils)
 [ -x /usr/sbin/haproxy ] || need_pkgs+=(haproxy)
 [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)
+# The TLS tests (tests/tls.rs) use real TLS peers: curl, openssl s_client and s_server.
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+[ -d /etc/ssl/certs ] || need_pkgs+=(ca-certificates)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${need_pkgs[*]}"

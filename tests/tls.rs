@@ -152,7 +152,11 @@ fn tls_over(
     Ok(rustls::StreamOwned::new(conn, sock))
 }
 
-fn tls_connect(addr: SocketAddr, config: Arc<ClientConfig>, sni: &str) -> std::io::Result<ClientStream> {
+fn tls_connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    sni: &str,
+) -> std::io::Result<ClientStream> {
     tls_over(TcpStream::connect(addr)?, config, sni)
 }
 
@@ -329,7 +333,10 @@ fn curl_and_openssl_s_client_through_a_terminating_route() {
     );
     assert!(out.contains("Verify return code: 0 (ok)"), "{out}");
     assert!(out.contains("hello through tls"), "{out}");
-    assert!(out.contains("CN=site") || out.contains("CN = site"), "{out}");
+    assert!(
+        out.contains("CN=site") || out.contains("CN = site"),
+        "{out}"
+    );
 
     // curl without the CA refuses kaproxy's certificate: the pair ends as a client TLS error.
     let (ok, out) = run_bounded(
@@ -351,7 +358,11 @@ fn curl_and_openssl_s_client_through_a_terminating_route() {
         Duration::from_secs(10),
     );
     let error = closes[0]["error"].as_str().unwrap_or("");
-    assert!(error.contains("alert"), "rustls's words in the event: {}", closes[0]);
+    assert!(
+        error.contains("alert"),
+        "rustls's words in the event: {}",
+        closes[0]
+    );
     let (_, metrics) = admin_get(proxy.admin(), "/metrics");
     let failures: f64 = ["certificate", "alert"]
         .iter()
@@ -393,7 +404,12 @@ fn forward_terminates_and_originates_tls() {
         s.flush().unwrap();
         buf
     });
-    let mut c = tls_connect(proxy.addr("forward"), client_config(pki.roots(), None), "site.test").unwrap();
+    let mut c = tls_connect(
+        proxy.addr("forward"),
+        client_config(pki.roots(), None),
+        "site.test",
+    )
+    .unwrap();
     c.write_all(b"ping").unwrap();
     let mut buf = [0u8; 4];
     c.read_exact(&mut buf).unwrap();
@@ -427,7 +443,9 @@ fn sni_picks_the_certificate_whose_names_match() {
     }
     // A name neither certificate has gets the first (default) one, which the
     // client then rejects for the name.
-    let err = tls_connect(proxy.addr("t"), config, "other.test").err().expect("must fail");
+    let Err(err) = tls_connect(proxy.addr("t"), config, "other.test") else {
+        panic!("a name no certificate has must fail verification");
+    };
     assert!(err.to_string().contains("site.test"), "{err}");
 }
 
@@ -445,7 +463,12 @@ fn mutual_tls_requires_a_client_certificate_from_the_configured_ca() {
     let addr = proxy.addr("t");
 
     // With a certificate from the right CA: relayed, and /connections names the client.
-    let mut c = tls_connect(addr, client_config(pki.roots(), Some((&good, &good_key))), "site.test").unwrap();
+    let mut c = tls_connect(
+        addr,
+        client_config(pki.roots(), Some((&good, &good_key))),
+        "site.test",
+    )
+    .unwrap();
     c.write_all(b"hi").unwrap();
     let mut u = accept(&listener);
     let mut buf = [0u8; 2];
@@ -453,10 +476,22 @@ fn mutual_tls_requires_a_client_certificate_from_the_configured_ca() {
     let (_, body) = admin_get(proxy.admin(), "/connections");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let tls = &v["pairs"][0]["client"]["tls"];
-    assert!(tls["peer_subject"].as_str().unwrap_or("").contains("client-1"), "{body}");
+    assert!(
+        tls["peer_subject"]
+            .as_str()
+            .unwrap_or("")
+            .contains("client-1"),
+        "{body}"
+    );
     assert_eq!(tls["sni"], "site.test", "{body}");
-    assert!(tls["version"].as_str().unwrap_or("").starts_with("TLSv1."), "{body}");
-    assert!(tls["cipher_suite"].as_str().unwrap_or("").contains("TLS"), "{body}");
+    assert!(
+        tls["version"].as_str().unwrap_or("").starts_with("TLSv1."),
+        "{body}"
+    );
+    assert!(
+        tls["cipher_suite"].as_str().unwrap_or("").contains("TLS"),
+        "{body}"
+    );
     drop(c);
     drop(u);
 
@@ -548,7 +583,11 @@ fn originating_to_openssl_s_server_with_a_custom_ca_and_failures() {
         let mut b = [0u8; 256];
         let deadline = Instant::now() + Duration::from_secs(10);
         while !String::from_utf8_lossy(&got).contains("yxorpak") {
-            assert!(Instant::now() < deadline, "no answer: {:?}", String::from_utf8_lossy(&got));
+            assert!(
+                Instant::now() < deadline,
+                "no answer: {:?}",
+                String::from_utf8_lossy(&got)
+            );
             let n = c.read(&mut b).unwrap();
             assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&got));
             got.extend_from_slice(&b[..n]);
@@ -589,7 +628,10 @@ fn originating_to_openssl_s_server_with_a_custom_ca_and_failures() {
 }
 
 /// kaproxy terminating and originating; the upstream is a rustls server here.
-fn both_sides(pki: &Pki, extra_route: &str) -> (Proxy, TcpListener, Arc<ServerConfig>, Arc<ClientConfig>) {
+fn both_sides(
+    pki: &Pki,
+    extra_route: &str,
+) -> (Proxy, TcpListener, Arc<ServerConfig>, Arc<ClientConfig>) {
     let (cert, key) = pki.issue("site", &["site.test"], false);
     let (ucert, ukey) = pki.issue("backend", &["backend.test"], false);
     let (listener, up) = upstream_listener();
@@ -608,7 +650,9 @@ fn both_sides(pki: &Pki, extra_route: &str) -> (Proxy, TcpListener, Arc<ServerCo
 }
 
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }
 
 fn sha(data: &[u8]) -> Vec<u8> {
@@ -640,7 +684,10 @@ fn both_sides_tls_carry_64_mib_each_way_at_once() {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let server = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(scfg).accept(sock).await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(scfg)
+                .accept(sock)
+                .await
+                .unwrap();
             let (mut r, mut w) = tokio::io::split(tls);
             let send = tokio::spawn(async move {
                 w.write_all(&pattern(2, SIZE)).await.unwrap();
@@ -653,7 +700,10 @@ fn both_sides_tls_carry_64_mib_each_way_at_once() {
         });
         let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("site.test").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(ccfg).connect(name, sock).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(ccfg)
+            .connect(name, sock)
+            .await
+            .unwrap();
         let (mut r, mut w) = tokio::io::split(tls);
         let send = tokio::spawn(async move {
             w.write_all(&pattern(1, SIZE)).await.unwrap();
@@ -681,7 +731,12 @@ fn half_close_through_tls_keeps_the_other_direction_flowing() {
     let (cert, key) = pki.issue("site", &["site.test"], false);
     let (listener, up) = upstream_listener();
     let proxy = Proxy::start(&route(up, &terminate(&cert, &key, "")));
-    let mut c = tls_connect(proxy.addr("t"), client_config(pki.roots(), None), "site.test").unwrap();
+    let mut c = tls_connect(
+        proxy.addr("t"),
+        client_config(pki.roots(), None),
+        "site.test",
+    )
+    .unwrap();
     c.write_all(b"request").unwrap();
     close_notify(&mut c);
     let mut u = accept(&listener);
@@ -693,7 +748,8 @@ fn half_close_through_tls_keeps_the_other_direction_flowing() {
     u.write_all(&answer).unwrap();
     u.shutdown(Shutdown::Write).unwrap();
     let mut got = Vec::new();
-    c.read_to_end(&mut got).expect("a clean end: close_notify, not a truncation");
+    c.read_to_end(&mut got)
+        .expect("a clean end: close_notify, not a truncation");
     assert_eq!(got.len(), answer.len());
     assert!(got == answer);
     let closes = proxy.wait_closes(1, Duration::from_secs(10));
@@ -763,7 +819,10 @@ fn an_upstream_that_closes_without_close_notify_is_a_cut_not_an_end() {
     let closes = proxy.wait_closes(1, Duration::from_secs(10));
     assert_eq!(reason(&closes[0]), "upstream_error", "{}", closes[0]);
     assert!(
-        closes[0]["error"].as_str().unwrap_or("").contains("close_notify"),
+        closes[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("close_notify"),
         "{}",
         closes[0]
     );
@@ -788,7 +847,10 @@ fn a_handshake_that_stalls_half_way_ends_at_handshake_timeout() {
     let pki = Pki::new("ca");
     let (cert, key) = pki.issue("site", &["site.test"], false);
     let (listener, up) = upstream_listener();
-    let proxy = Proxy::start(&route(up, &terminate(&cert, &key, "handshake_timeout = \"1s\"\n")));
+    let proxy = Proxy::start(&route(
+        up,
+        &terminate(&cert, &key, "handshake_timeout = \"1s\"\n"),
+    ));
     let hello = client_hello(&pki);
     let mut c = connect(proxy.addr("t"));
     c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
@@ -798,15 +860,30 @@ fn a_handshake_that_stalls_half_way_ends_at_handshake_timeout() {
     let mut b = [0u8; 64];
     let r = c.read(&mut b);
     let elapsed = t0.elapsed();
-    println!("stalled handshake closed after {elapsed:?} (bound {TIMEOUT:?} + {TOLERANCE:?}): {r:?}");
-    assert!(elapsed >= TIMEOUT - Duration::from_millis(100), "{elapsed:?}");
+    println!(
+        "stalled handshake closed after {elapsed:?} (bound {TIMEOUT:?} + {TOLERANCE:?}): {r:?}"
+    );
+    assert!(
+        elapsed >= TIMEOUT - Duration::from_millis(100),
+        "{elapsed:?}"
+    );
     assert!(elapsed <= TIMEOUT + TOLERANCE, "{elapsed:?}");
     let closes = proxy.wait_closes(1, Duration::from_secs(5));
     assert_eq!(reason(&closes[0]), "client_tls_error", "{}", closes[0]);
-    assert!(closes[0]["error"].as_str().unwrap_or("").contains("timed out"), "{}", closes[0]);
+    assert!(
+        closes[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{}",
+        closes[0]
+    );
     let (_, metrics) = admin_get(proxy.admin(), "/metrics");
     assert_eq!(
-        metric(&metrics, "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"client\",reason=\"timeout\"}"),
+        metric(
+            &metrics,
+            "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"client\",reason=\"timeout\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -820,7 +897,10 @@ fn a_peer_that_dies_mid_handshake_is_closed_at_once() {
     let (cert, key) = pki.issue("site", &["site.test"], false);
     let (_listener, up) = upstream_listener();
     // A long handshake timeout: the close must come from the reset, not the timer.
-    let proxy = Proxy::start(&route(up, &terminate(&cert, &key, "handshake_timeout = \"30s\"\n")));
+    let proxy = Proxy::start(&route(
+        up,
+        &terminate(&cert, &key, "handshake_timeout = \"30s\"\n"),
+    ));
     let hello = client_hello(&pki);
     let mut c = connect(proxy.addr("t"));
     c.write_all(&hello[..hello.len() / 2]).unwrap();
@@ -832,7 +912,10 @@ fn a_peer_that_dies_mid_handshake_is_closed_at_once() {
     assert_eq!(reason(&closes[0]), "client_tls_error", "{}", closes[0]);
     let (_, metrics) = admin_get(proxy.admin(), "/metrics");
     assert_eq!(
-        metric(&metrics, "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"client\",reason=\"closed\"}"),
+        metric(
+            &metrics,
+            "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"client\",reason=\"closed\"}"
+        ),
         Some(1.0),
         "{metrics}"
     );
@@ -853,7 +936,10 @@ fn tls_to_a_slow_reader_is_not_cut_by_timers_and_loses_nothing() {
         let listener = tokio::net::TcpListener::from_std(listener).unwrap();
         let server = tokio::spawn(async move {
             let (sock, _) = listener.accept().await.unwrap();
-            let tls = tokio_rustls::TlsAcceptor::from(scfg).accept(sock).await.unwrap();
+            let tls = tokio_rustls::TlsAcceptor::from(scfg)
+                .accept(sock)
+                .await
+                .unwrap();
             let (mut r, mut w) = tokio::io::split(tls);
             let send = tokio::spawn(async move {
                 w.write_all(&pattern(5, SIZE)).await.unwrap();
@@ -866,7 +952,10 @@ fn tls_to_a_slow_reader_is_not_cut_by_timers_and_loses_nothing() {
         });
         let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("site.test").unwrap();
-        let tls = tokio_rustls::TlsConnector::from(ccfg).connect(name, sock).await.unwrap();
+        let tls = tokio_rustls::TlsConnector::from(ccfg)
+            .connect(name, sock)
+            .await
+            .unwrap();
         let (mut r, mut w) = tokio::io::split(tls);
         let writer = tokio::spawn(async move {
             for _ in 0..20 {
@@ -906,15 +995,27 @@ fn check_reports_certificates_and_names_bad_files() {
     let (_, other_key) = pki.issue("other", &["other.test"], false);
     // Relative paths resolve against the config file's directory.
     let dir = pki.dir.path();
-    let good = format!(
-        "[[route]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\n[route.client.tls]\ncertificates = [{{ cert = \"site.pem\", key = \"site.key\" }}]\nclient_ca = \"ca.pem\"\n[route.upstream]\nservers = [\"127.0.0.1:9\"]\n[route.upstream.tls]\nca = \"ca.pem\"\ninsecure_skip_verify = true\n"
-    );
+    let good = "[[route]]\nname = \"t\"\nlisten = \"127.0.0.1:0\"\n[route.client.tls]\ncertificates = [{ cert = \"site.pem\", key = \"site.key\" }]\nclient_ca = \"ca.pem\"\n[route.upstream]\nservers = [\"127.0.0.1:9\"]\n[route.upstream.tls]\nca = \"ca.pem\"\ninsecure_skip_verify = true\n".to_string();
     let path = dir.join("k.toml");
     std::fs::write(&path, &good).unwrap();
-    let out = Command::new(bin()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains(&format!("certificate {}: CN=site [site.test, 127.0.0.1], valid until", cert.display())), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "certificate {}: CN=site [site.test, 127.0.0.1], valid until",
+            cert.display()
+        )),
+        "{text}"
+    );
     assert!(text.contains("WARNING: insecure_skip_verify"), "{text}");
     let _ = key;
 
@@ -922,23 +1023,46 @@ fn check_reports_certificates_and_names_bad_files() {
     // does not belong to the certificate is an error naming file, line and field.
     let bad = good.replace("key = \"site.key\"", "key = \"other.key\"");
     std::fs::write(&path, &bad).unwrap();
-    let out = Command::new(bin()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(64), "{err}");
     assert!(
-        err.contains(&format!("{}:5: route \"t\".client.tls.certificates[0]: {}: this key does not belong to", path.display(), other_key.display())),
+        err.contains(&format!(
+            "{}:5: route \"t\".client.tls.certificates[0]: {}: this key does not belong to",
+            path.display(),
+            other_key.display()
+        )),
         "{err}"
     );
     let bad = good.replace("client_ca = \"ca.pem\"", "client_ca = \"missing.pem\"");
     std::fs::write(&path, &bad).unwrap();
-    let out = Command::new(bin()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":6: route \"t\".client.tls.client_ca:") && err.contains("missing.pem: cannot read"), "{err}");
+    assert!(
+        err.contains(":6: route \"t\".client.tls.client_ca:")
+            && err.contains("missing.pem: cannot read"),
+        "{err}"
+    );
     let bad = good.replace("ca = \"ca.pem\"\ninsecure", "ca = \"site.key\"\ninsecure");
     std::fs::write(&path, &bad).unwrap();
-    let out = Command::new(bin()).args(["check", "-c"]).arg(&path).output().unwrap();
+    let out = Command::new(bin())
+        .args(["check", "-c"])
+        .arg(&path)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(":10: route \"t\".upstream.tls.ca:") && err.contains("no CERTIFICATE"), "{err}");
+    assert!(
+        err.contains(":10: route \"t\".upstream.tls.ca:") && err.contains("no CERTIFICATE"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -952,7 +1076,12 @@ fn client_tls_is_inherited_from_defaults_and_can_be_turned_off() {
         toml_path(&key)
     );
     let proxy = Proxy::start(&config);
-    let mut c = tls_connect(proxy.addr("t"), client_config(pki.roots(), None), "site.test").unwrap();
+    let mut c = tls_connect(
+        proxy.addr("t"),
+        client_config(pki.roots(), None),
+        "site.test",
+    )
+    .unwrap();
     c.write_all(b"tls").unwrap();
     let mut b = [0u8; 3];
     c.read_exact(&mut b).unwrap();
@@ -977,7 +1106,13 @@ fn netns_config(up: SocketAddr, client_ka: &str, upstream_ka: &str, tables: &str
     )
 }
 
-fn expect_reset_within_bound(what: &str, read: impl FnOnce() -> std::io::Result<usize>, t0: Instant, proxy: &Proxy, why: &str) {
+fn expect_reset_within_bound(
+    what: &str,
+    read: impl FnOnce() -> std::io::Result<usize>,
+    t0: Instant,
+    proxy: &Proxy,
+    why: &str,
+) {
     let r = read();
     let elapsed = t0.elapsed();
     println!("{what}: survivor closed {elapsed:?} after the black-hole (bound {BOUND:?} + tolerance {TOLERANCE:?}): {r:?}");
@@ -992,89 +1127,118 @@ fn expect_reset_within_bound(what: &str, read: impl FnOnce() -> std::io::Result<
 
 #[test]
 fn tls_client_silent_while_idle_resets_the_upstream_within_the_bound() {
-    isolated("tls_client_silent_while_idle_resets_the_upstream_within_the_bound", || {
-        let pki = Pki::new("ca");
-        let (cert, key) = pki.issue("site", &["site.test"], false);
-        let (listener, up) = upstream_listener();
-        let proxy = Proxy::start(&netns_config(up, FAST, SLOW, &terminate(&cert, &key, "")));
-        let sock = connect_from(CLIENT_A, proxy.addr("t"));
-        let mut c = tls_over(sock, client_config(pki.roots(), None), "site.test").unwrap();
-        c.write_all(b"ping").unwrap();
-        let mut u = accept(&listener);
-        u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut b = [0u8; 4];
-        u.read_exact(&mut b).unwrap();
-        u.write_all(b"pong").unwrap();
-        c.read_exact(&mut b).unwrap();
+    isolated(
+        "tls_client_silent_while_idle_resets_the_upstream_within_the_bound",
+        || {
+            let pki = Pki::new("ca");
+            let (cert, key) = pki.issue("site", &["site.test"], false);
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&netns_config(up, FAST, SLOW, &terminate(&cert, &key, "")));
+            let sock = connect_from(CLIENT_A, proxy.addr("t"));
+            let mut c = tls_over(sock, client_config(pki.roots(), None), "site.test").unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut u = accept(&listener);
+            u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut b = [0u8; 4];
+            u.read_exact(&mut b).unwrap();
+            u.write_all(b"pong").unwrap();
+            c.read_exact(&mut b).unwrap();
 
-        blackhole_host_port(CLIENT_A, proxy.addr("t").port());
-        let t0 = Instant::now();
-        expect_reset_within_bound("tls client silent while idle", || u.read(&mut b), t0, &proxy, "client_dead");
-    });
+            blackhole_host_port(CLIENT_A, proxy.addr("t").port());
+            let t0 = Instant::now();
+            expect_reset_within_bound(
+                "tls client silent while idle",
+                || u.read(&mut b),
+                t0,
+                &proxy,
+                "client_dead",
+            );
+        },
+    );
 }
 
 #[test]
 fn tls_upstream_silent_while_idle_resets_the_client_within_the_bound() {
-    isolated("tls_upstream_silent_while_idle_resets_the_client_within_the_bound", || {
-        let pki = Pki::new("ca");
-        let (ucert, ukey) = pki.issue("backend", &["backend.test"], false);
-        let (listener, up) = upstream_listener();
-        let tables = format!(
-            "[route.upstream.tls]\nca = \"{}\"\nserver_name = \"backend.test\"\n",
-            toml_path(&pki.ca_path())
-        );
-        let proxy = Proxy::start(&netns_config(up, SLOW, FAST, &tables));
-        let mut c = connect_from(CLIENT_A, proxy.addr("t"));
-        c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        c.write_all(b"ping").unwrap();
-        let mut u = tls_accept(&listener, server_config(&ucert, &ukey));
-        let mut b = [0u8; 4];
-        u.read_exact(&mut b).unwrap();
-        u.write_all(b"pong").unwrap();
-        u.flush().unwrap();
-        c.read_exact(&mut b).unwrap();
+    isolated(
+        "tls_upstream_silent_while_idle_resets_the_client_within_the_bound",
+        || {
+            let pki = Pki::new("ca");
+            let (ucert, ukey) = pki.issue("backend", &["backend.test"], false);
+            let (listener, up) = upstream_listener();
+            let tables = format!(
+                "[route.upstream.tls]\nca = \"{}\"\nserver_name = \"backend.test\"\n",
+                toml_path(&pki.ca_path())
+            );
+            let proxy = Proxy::start(&netns_config(up, SLOW, FAST, &tables));
+            let mut c = connect_from(CLIENT_A, proxy.addr("t"));
+            c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut u = tls_accept(&listener, server_config(&ucert, &ukey));
+            let mut b = [0u8; 4];
+            u.read_exact(&mut b).unwrap();
+            u.write_all(b"pong").unwrap();
+            u.flush().unwrap();
+            c.read_exact(&mut b).unwrap();
 
-        blackhole_port(up.port());
-        let t0 = Instant::now();
-        expect_reset_within_bound("tls upstream silent while idle", || c.read(&mut b), t0, &proxy, "upstream_dead");
-    });
+            blackhole_port(up.port());
+            let t0 = Instant::now();
+            expect_reset_within_bound(
+                "tls upstream silent while idle",
+                || c.read(&mut b),
+                t0,
+                &proxy,
+                "upstream_dead",
+            );
+        },
+    );
 }
 
 #[test]
 fn tls_client_silent_with_data_in_flight_is_caught_by_user_timeout() {
-    isolated("tls_client_silent_with_data_in_flight_is_caught_by_user_timeout", || {
-        let pki = Pki::new("ca");
-        let (cert, key) = pki.issue("site", &["site.test"], false);
-        let (listener, up) = upstream_listener();
-        let proxy = Proxy::start(&netns_config(up, FAST, SLOW, &terminate(&cert, &key, "")));
-        let sock = connect_from(CLIENT_A, proxy.addr("t"));
-        let mut c = tls_over(sock, client_config(pki.roots(), None), "site.test").unwrap();
-        c.write_all(b"ping").unwrap();
-        let mut u = accept(&listener);
-        u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
-        let mut b = [0u8; 4];
-        u.read_exact(&mut b).unwrap();
+    isolated(
+        "tls_client_silent_with_data_in_flight_is_caught_by_user_timeout",
+        || {
+            let pki = Pki::new("ca");
+            let (cert, key) = pki.issue("site", &["site.test"], false);
+            let (listener, up) = upstream_listener();
+            let proxy = Proxy::start(&netns_config(up, FAST, SLOW, &terminate(&cert, &key, "")));
+            let sock = connect_from(CLIENT_A, proxy.addr("t"));
+            let mut c = tls_over(sock, client_config(pki.roots(), None), "site.test").unwrap();
+            c.write_all(b"ping").unwrap();
+            let mut u = accept(&listener);
+            u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+            let mut b = [0u8; 4];
+            u.read_exact(&mut b).unwrap();
 
-        // The upstream streams towards the TLS client until its connection
-        // breaks; keepalive never fires while data is unacknowledged.
-        blackhole_host_port(CLIENT_A, proxy.addr("t").port());
-        let t0 = Instant::now();
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            let chunk = vec![7u8; 64 * 1024];
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let r = loop {
-                if Instant::now() > deadline {
-                    break Ok(0);
-                }
-                if let Err(e) = u.write_all(&chunk) {
-                    break Err(e);
-                }
-            };
-            let _ = tx.send(r.map(|_| 0usize));
-        });
-        let r = rx.recv_timeout(Duration::from_secs(30)).expect("writer ends");
-        expect_reset_within_bound("tls client silent with data in flight", || r, t0, &proxy, "client_dead");
-        drop(c);
-    });
+            // The upstream streams towards the TLS client until its connection
+            // breaks; keepalive never fires while data is unacknowledged.
+            blackhole_host_port(CLIENT_A, proxy.addr("t").port());
+            let t0 = Instant::now();
+            let (tx, rx) = mpsc::channel();
+            thread::spawn(move || {
+                let chunk = vec![7u8; 64 * 1024];
+                let deadline = Instant::now() + Duration::from_secs(30);
+                let r = loop {
+                    if Instant::now() > deadline {
+                        break Ok(0);
+                    }
+                    if let Err(e) = u.write_all(&chunk) {
+                        break Err(e);
+                    }
+                };
+                let _ = tx.send(r.map(|_| 0usize));
+            });
+            let r = rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("writer ends");
+            expect_reset_within_bound(
+                "tls client silent with data in flight",
+                || r,
+                t0,
+                &proxy,
+                "client_dead",
+            );
+            drop(c);
+        },
+    );
 }

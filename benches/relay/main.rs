@@ -336,7 +336,10 @@ fn main() {
             runs: opts.runs,
             secs: opts.secs,
             bytes: opts.bytes.min(if opts.full { 512 << 20 } else { 8 << 20 }),
-            pairs: env_usize("KAPROXY_BENCH_TLS_PAIRS", if opts.full { 2_000 } else { 50 }),
+            pairs: env_usize(
+                "KAPROXY_BENCH_TLS_PAIRS",
+                if opts.full { 2_000 } else { 50 },
+            ),
         };
         tls::run(&tls_opts, &specs, &mut report);
     }

@@ -60,18 +60,20 @@ fn pki() -> Result<Pki, String> {
     let write = |p: &std::path::Path, s: &str| std::fs::write(p, s).map_err(|x| e(&x));
     write(&files.cert, &cert.pem())?;
     write(&files.key, &key.serialize_pem())?;
-    write(&files.combined, &format!("{}{}", cert.pem(), key.serialize_pem()))?;
+    write(
+        &files.combined,
+        &format!("{}{}", cert.pem(), key.serialize_pem()),
+    )?;
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca_cert.pem().as_bytes()) {
         roots.add(c.map_err(|x| e(&x))?).map_err(|x| e(&x))?;
     }
-    let mut client = ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|x| e(&x))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let mut client =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|x| e(&x))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     client.resumption = Resumption::disabled();
     Ok(Pki {
         _dir: dir,
@@ -86,12 +88,15 @@ fn tls_connect(
 ) -> Result<StreamOwned<ClientConnection, TcpStream>, String> {
     let mut sock = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     sock.set_nodelay(true).map_err(|e| e.to_string())?;
-    sock.set_read_timeout(Some(DEADLINE)).map_err(|e| e.to_string())?;
-    sock.set_write_timeout(Some(DEADLINE)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(DEADLINE))
+        .map_err(|e| e.to_string())?;
+    sock.set_write_timeout(Some(DEADLINE))
+        .map_err(|e| e.to_string())?;
     let name = ServerName::try_from("bench.test").map_err(|e| e.to_string())?;
     let mut conn = ClientConnection::new(config.clone(), name).map_err(|e| e.to_string())?;
     while conn.is_handshaking() {
-        conn.complete_io(&mut sock).map_err(|e| format!("handshake: {e}"))?;
+        conn.complete_io(&mut sock)
+            .map_err(|e| format!("handshake: {e}"))?;
     }
     Ok(StreamOwned::new(conn, sock))
 }
@@ -105,7 +110,12 @@ fn round_trip(s: &mut StreamOwned<ClientConnection, TcpStream>) -> Result<(), St
 /// Full handshakes per second from `threads` client threads for `secs`, each
 /// connection doing one 4-byte round trip and a close_notify; and the proxy's
 /// CPU microseconds per handshake.
-fn handshakes(t: &Running, config: &Arc<ClientConfig>, threads: usize, secs: u64) -> Result<Vec<f64>, String> {
+fn handshakes(
+    t: &Running,
+    config: &Arc<ClientConfig>,
+    threads: usize,
+    secs: u64,
+) -> Result<Vec<f64>, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicU64::new(0));
     let cpu0 = t.proc.cpu_seconds();
@@ -128,11 +138,15 @@ fn handshakes(t: &Running, config: &Arc<ClientConfig>, threads: usize, secs: u64
     thread::sleep(Duration::from_secs(secs));
     stop.store(true, Ordering::Relaxed);
     for w in workers {
-        w.join().map_err(|_| "client thread panicked".to_string())??;
+        w.join()
+            .map_err(|_| "client thread panicked".to_string())??;
     }
     let n = count.load(Ordering::Relaxed) as f64;
     let used = t.proc.cpu_seconds() - cpu0;
-    Ok(vec![n / start.elapsed().as_secs_f64(), used * 1e6 / n.max(1.0)])
+    Ok(vec![
+        n / start.elapsed().as_secs_f64(),
+        used * 1e6 / n.max(1.0),
+    ])
 }
 
 /// One TLS stream of `bytes` into the sink behind `t`; bytes per second.
@@ -152,8 +166,12 @@ fn bulk(
     }
     s.conn.send_close_notify();
     s.flush().map_err(|e| e.to_string())?;
-    s.sock.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
-    let (got, at) = done.recv_timeout(DEADLINE).map_err(|_| "sink did not finish".to_string())?;
+    s.sock
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let (got, at) = done
+        .recv_timeout(DEADLINE)
+        .map_err(|_| "sink did not finish".to_string())?;
     if got as usize != sent {
         return Err(format!("sink received {got} of {sent} bytes"));
     }
@@ -161,7 +179,12 @@ fn bulk(
 }
 
 /// `n` idle TLS pairs through `spec`, each after one round trip; RSS growth per pair.
-fn idle_pairs(spec: &Spec, files: &TlsFiles, config: &Arc<ClientConfig>, n: usize) -> Result<f64, String> {
+fn idle_pairs(
+    spec: &Spec,
+    files: &TlsFiles,
+    config: &Arc<ClientConfig>,
+    n: usize,
+) -> Result<f64, String> {
     let echo = inproc::EchoProcess::start()?;
     let proxy = spec.start_tls(echo.addr, n, files)?;
     for _ in 0..50 {
@@ -201,8 +224,10 @@ pub fn run(opts: &TlsOpts, specs: &[Spec], report: &mut Report) {
             .filter_map(|s| s.start_tls(upstream, 0, &pki.files).ok())
             .collect()
     };
-    let alternate = |proxies: &[Running], f: &mut dyn FnMut(&Running) -> Result<Vec<f64>, String>| {
-        let mut samples: Vec<Result<Vec<Vec<f64>>, String>> = proxies.iter().map(|_| Ok(Vec::new())).collect();
+    let alternate = |proxies: &[Running],
+                     f: &mut dyn FnMut(&Running) -> Result<Vec<f64>, String>| {
+        let mut samples: Vec<Result<Vec<Vec<f64>>, String>> =
+            proxies.iter().map(|_| Ok(Vec::new())).collect();
         for _ in 0..opts.runs {
             for (p, s) in proxies.iter().zip(samples.iter_mut()) {
                 if let Ok(runs) = s {
@@ -237,20 +262,35 @@ pub fn run(opts: &TlsOpts, specs: &[Spec], report: &mut Report) {
     let echo = inproc::echo();
     let proxies = start(echo);
     let results = alternate(&proxies, &mut |p| handshakes(p, &pki.client, 2, opts.secs));
-    report.row(Measure::new("TLS full handshakes/s (2 client threads, P-256)", "k/s", 1e3, 2).values(&results, 0));
+    report.row(
+        Measure::new(
+            "TLS full handshakes/s (2 client threads, P-256)",
+            "k/s",
+            1e3,
+            2,
+        )
+        .values(&results, 0),
+    );
     report.row(Measure::new("proxy CPU per TLS handshake", "µs", 1.0, 0).values(&results, 1));
     drop(proxies);
 
     let (sink, done) = inproc::sink();
     let proxies = start(sink);
-    let results = alternate(&proxies, &mut |p| Ok(vec![bulk(p, &pki.client, &done, opts.bytes)?]));
+    let results = alternate(&proxies, &mut |p| {
+        Ok(vec![bulk(p, &pki.client, &done, opts.bytes)?])
+    });
     let what = format!("TLS single-stream throughput ({} MiB)", opts.bytes >> 20);
     report.row(Measure::new(&what, "MiB/s", 1024.0 * 1024.0, 0).values(&results, 0));
     drop(proxies);
 
     let results: Vec<_> = specs
         .iter()
-        .map(|s| (s.name(), idle_pairs(s, &pki.files, &pki.client, opts.pairs).map(|per| vec![per])))
+        .map(|s| {
+            (
+                s.name(),
+                idle_pairs(s, &pki.files, &pki.client, opts.pairs).map(|per| vec![per]),
+            )
+        })
         .collect();
     let what = format!("RSS per idle TLS pair, {} pairs, one run", opts.pairs);
     report.row(Measure::new(&what, "bytes", 1.0, 0).values(&results, 0));

@@ -425,7 +425,8 @@ pub(super) fn resolve(
         let d = raw.defaults.as_ref();
         let client_tls = super::tls::client_tls(
             &ctx,
-            d.and_then(|d| d.client.as_ref()).and_then(|c| c.tls.as_ref()),
+            d.and_then(|d| d.client.as_ref())
+                .and_then(|c| c.tls.as_ref()),
             r.client.as_ref().and_then(|c| c.tls.as_ref()),
             &at("client.tls"),
             route_span.clone(),
@@ -433,7 +434,8 @@ pub(super) fn resolve(
         )?;
         let upstream_tls = super::tls::upstream_tls(
             &ctx,
-            d.and_then(|d| d.upstream.as_ref()).and_then(|u| u.tls.as_ref()),
+            d.and_then(|d| d.upstream.as_ref())
+                .and_then(|u| u.tls.as_ref()),
             upstream_raw.and_then(|u| u.tls.as_ref()),
             &at("upstream.tls"),
             &base,

@@ -210,7 +210,11 @@ pub(super) fn client_tls(
         return Ok(None);
     }
     let at = |f: &str| format!("{field}.{f}");
-    let Some(list) = raw.certificates.as_ref().filter(|l| !l.get_ref().is_empty()) else {
+    let Some(list) = raw
+        .certificates
+        .as_ref()
+        .filter(|l| !l.get_ref().is_empty())
+    else {
         return ctx.err(
             raw.certificates.as_ref().map_or(table_span, |l| l.span()),
             &at("certificates"),
@@ -250,7 +254,13 @@ pub(super) fn client_tls(
         Some(s) => {
             let path = path_in(base, s);
             if let Err(e) = files::load_certs(&path) {
-                return file_err(ctx, s, &at("client_ca"), e, "give a PEM file of CA certificates");
+                return file_err(
+                    ctx,
+                    s,
+                    &at("client_ca"),
+                    e,
+                    "give a PEM file of CA certificates",
+                );
             }
             Some(path)
         }
@@ -289,7 +299,11 @@ pub(super) fn client_tls(
         client_ca,
         min_version,
         alpn,
-        handshake_timeout: handshake_timeout(ctx, &raw.handshake_timeout, &at("handshake_timeout"))?,
+        handshake_timeout: handshake_timeout(
+            ctx,
+            &raw.handshake_timeout,
+            &at("handshake_timeout"),
+        )?,
     }))
 }
 
@@ -393,7 +407,11 @@ pub(super) fn upstream_tls(
             .insecure_skip_verify
             .as_ref()
             .is_some_and(|b| *b.get_ref()),
-        handshake_timeout: handshake_timeout(ctx, &raw.handshake_timeout, &at("handshake_timeout"))?,
+        handshake_timeout: handshake_timeout(
+            ctx,
+            &raw.handshake_timeout,
+            &at("handshake_timeout"),
+        )?,
     }))
 }
 
@@ -407,7 +425,9 @@ pub(super) fn describe(client: Option<&ClientTls>, upstream: Option<&UpstreamTls
     let certs = |out: &mut String, what: &str, path: &Path| match files::load_certs(path) {
         Ok(chain) => {
             for (i, der) in chain.iter().enumerate() {
-                let Some(info) = files::inspect(der) else { continue };
+                let Some(info) = files::inspect(der) else {
+                    continue;
+                };
                 let role = if i == 0 { what } else { "  chain" };
                 let names = if info.names.is_empty() {
                     "no subjectAltName".to_string()

@@ -178,8 +178,14 @@ pub fn run(
         let (up_addr, _active) = {
             // `destination` moves into the boxed future (the rest is borrowed),
             // so the task keeps no slot for it.
-            let connected =
-                Box::pin(connect_upstream(&route, &client, &who, &cancel, destination)).await;
+            let connected = Box::pin(connect_upstream(
+                &route,
+                &client,
+                &who,
+                &cancel,
+                destination,
+            ))
+            .await;
             match connected {
                 Some(Ok((c, failed_send))) => {
                     log_failed_attempts(&who, &route.name, &registration, &c.failed);

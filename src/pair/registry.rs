@@ -24,8 +24,8 @@ use tokio::net::TcpStream;
 
 use super::close::Side;
 use super::relay::RelayStats;
-use crate::tls::SessionInfo;
 use crate::net::sockopt::{self, SocketSnapshot};
+use crate::tls::SessionInfo;
 
 /// Shards of the pair map: enough that pairs opening and closing on a few
 /// workers rarely meet on one lock.

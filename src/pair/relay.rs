@@ -25,8 +25,8 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::close::{classify, CloseReason, Side, SideError};
-pub(super) use super::direction::Io;
 use super::direction::Direction;
+pub(super) use super::direction::Io;
 use super::watchdog::{SideWatch, Verdict, WatchSpec};
 use super::RouteState;
 use crate::net::sockopt;

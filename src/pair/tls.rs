@@ -173,7 +173,12 @@ pub(super) async fn serve(
     let client_conn = match &tls.server {
         None => None,
         Some((config, timeout)) => {
-            match Box::pin(handshake(*timeout, cancel, tls::accept(config.clone(), client))).await
+            match Box::pin(handshake(
+                *timeout,
+                cancel,
+                tls::accept(config.clone(), client),
+            ))
+            .await
             {
                 Ok((conn, info)) => {
                     registration.set_tls(Side::Client, info);
@@ -209,7 +214,13 @@ pub(super) async fn serve(
     if let Some(e) = failed_send {
         let detail = format!("sending the PROXY header: {e}");
         let end = RelayEnd::from_error(e);
-        close.finish(registration, client, Some((&upstream, up_addr)), &end, Some(detail));
+        close.finish(
+            registration,
+            client,
+            Some((&upstream, up_addr)),
+            &end,
+            Some(detail),
+        );
         return;
     }
 
@@ -356,8 +367,7 @@ impl TlsDir {
                     }
                 }
                 None => {
-                    while let Some(buf) = self.buf.as_ref().filter(|_| self.written < self.filled)
-                    {
+                    while let Some(buf) = self.buf.as_ref().filter(|_| self.written < self.filled) {
                         match to.try_write(&buf.0[self.written..self.filled]) {
                             Ok(0) => {
                                 return Poll::Ready(Err(to_err(io::ErrorKind::WriteZero.into())))

@@ -101,7 +101,9 @@ pub struct CertInfo {
 impl CertInfo {
     /// Expired, or expiring within [`EXPIRY_WARNING`], at `now`; `None` when fine.
     pub fn expiry_warning(&self, now: SystemTime) -> Option<String> {
-        let now = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let now = now
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         let left = self.not_after - now;
         if left <= 0 {
             Some(format!("expired on {}", self.not_after_text))

@@ -267,7 +267,10 @@ impl HandshakeFailure {
     /// Classifies a handshake error from tokio-rustls.
     pub fn of(e: &io::Error) -> HandshakeFailure {
         use rustls::{AlertDescription as A, Error as E, PeerIncompatible as P};
-        match e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
             Some(E::InvalidCertificate(_) | E::NoCertificatesPresented) => {
                 HandshakeFailure::Certificate
             }
@@ -351,7 +354,12 @@ fn describe(common: &rustls::CommonState, sni: Option<&str>, peer: bool) -> Sess
             .alpn_protocol()
             .map(|p| String::from_utf8_lossy(p).into_owned()),
         peer_subject: peer
-            .then(|| common.peer_certificates().and_then(|c| c.first()).and_then(files::subject))
+            .then(|| {
+                common
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .and_then(files::subject)
+            })
             .flatten(),
     }
 }
@@ -382,4 +390,78 @@ pub async fn connect(
     let (_, conn) = stream.into_inner();
     let info = describe(&conn, Some(&sni), false);
     Ok((conn, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_names_match_exactly_or_by_one_wildcard_label() {
+        assert!(name_matches("api.test", "api.test"));
+        assert!(!name_matches("api.test", "v2.api.test"));
+        assert!(name_matches("*.api.test", "v2.api.test"));
+        assert!(!name_matches("*.api.test", "a.b.api.test"));
+        assert!(!name_matches("*.api.test", "api.test"));
+        assert!(!name_matches("*.api.test", ".api.test"));
+    }
+
+    #[test]
+    fn handshake_failures_fall_into_the_stable_reasons() {
+        let tls = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer
+            ))),
+            HandshakeFailure::Certificate
+        );
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::NoCertificatesPresented)),
+            HandshakeFailure::Certificate
+        );
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::UnknownCA
+            ))),
+            HandshakeFailure::Certificate
+        );
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::PeerIncompatible(
+                rustls::PeerIncompatible::NoCipherSuitesInCommon
+            ))),
+            HandshakeFailure::Negotiation
+        );
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::AlertReceived(
+                rustls::AlertDescription::DecodeError
+            ))),
+            HandshakeFailure::Alert
+        );
+        assert_eq!(
+            HandshakeFailure::of(&tls(rustls::Error::InvalidMessage(
+                rustls::InvalidMessage::InvalidContentType
+            ))),
+            HandshakeFailure::Protocol
+        );
+        assert_eq!(
+            HandshakeFailure::of(&io::Error::from(io::ErrorKind::UnexpectedEof)),
+            HandshakeFailure::Closed
+        );
+        assert_eq!(
+            HandshakeFailure::of(&io::Error::from(io::ErrorKind::ConnectionReset)),
+            HandshakeFailure::Closed
+        );
+        let names: Vec<&str> = HandshakeFailure::ALL.iter().map(|f| f.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "timeout",
+                "closed",
+                "certificate",
+                "negotiation",
+                "alert",
+                "protocol"
+            ]
+        );
+    }
 }
