@@ -191,6 +191,7 @@ impl App {
                         check.clone(),
                         state.route.upstream.keepalive,
                         state.route.upstream.send_proxy,
+                        state.tls.as_ref().and_then(|t| t.health_check(index)),
                         app.stop_accepting.clone(),
                     ));
                 }

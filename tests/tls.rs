@@ -1242,3 +1242,80 @@ fn tls_client_silent_with_data_in_flight_is_caught_by_user_timeout() {
         },
     );
 }
+
+/// A TLS server answering every HTTP request with 200, until the test ends.
+fn https_upstream(config: Arc<ServerConfig>) -> SocketAddr {
+    let (listener, addr) = upstream_listener();
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut sock) = s else { break };
+            let config = config.clone();
+            thread::spawn(move || {
+                sock.set_read_timeout(Some(IO_TIMEOUT)).ok();
+                let Ok(mut conn) = ServerConnection::new(config) else {
+                    return;
+                };
+                while conn.is_handshaking() {
+                    if conn.complete_io(&mut sock).is_err() {
+                        return;
+                    }
+                }
+                let mut s = rustls::StreamOwned::new(conn, sock);
+                let mut req = Vec::new();
+                let mut b = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+                s.conn.send_close_notify();
+                let _ = s.flush();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn health_checks_of_a_tls_upstream_do_the_handshake() {
+    let pki = Pki::new("ca");
+    let other = Pki::new("other");
+    let (ucert, ukey) = pki.issue("backend", &["backend.test"], false);
+    let up = https_upstream(server_config(&ucert, &ukey));
+    let config = |ca: &Path| {
+        route(
+            up,
+            &format!(
+                "health_check = {{ http = \"/health\", interval = \"200ms\", timeout = \"2s\", rise = 1, fall = 1 }}\n[route.upstream.tls]\nca = \"{}\"\nserver_name = \"backend.test\"\n",
+                toml_path(ca)
+            ),
+        )
+    };
+    let wait_for = |proxy: &Proxy, state: &str, detail: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = admin_get(proxy.admin(), "/upstreams");
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let server = &v["routes"][0]["servers"][0];
+            let got = server["last_check"]["detail"].as_str().unwrap_or("");
+            if server["state"] == state && got.contains(detail) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "never {state} ({detail}): {body}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The right CA: an HTTP check over TLS answers 200, the server is up.
+    let proxy = Proxy::start(&config(&pki.ca_path()));
+    wait_for(&proxy, "up", "answered 200");
+    // A CA that did not sign the server's certificate: the check fails on the handshake.
+    let proxy = Proxy::start(&config(&other.ca_path()));
+    wait_for(&proxy, "down", "TLS handshake");
+}

@@ -96,6 +96,14 @@ impl RouteTls {
         })))
     }
 
+    /// What the health checks of server `index` do for TLS: the upstream
+    /// config and the name verified; `None` without upstream TLS.
+    pub fn health_check(&self, index: usize) -> Option<crate::health::TlsCheck> {
+        let (config, _) = self.client.as_ref()?;
+        let name = self.names.get(index)?.clone()?;
+        Some((config.clone(), name))
+    }
+
     fn count_failure(&self, side: Side, why: HandshakeFailure) {
         let i = HandshakeFailure::ALL
             .iter()
