@@ -1319,3 +1319,100 @@ fn health_checks_of_a_tls_upstream_do_the_handshake() {
     let proxy = Proxy::start(&config(&other.ca_path()));
     wait_for(&proxy, "down", "TLS handshake");
 }
+
+#[test]
+fn the_proxy_header_comes_before_tls_both_in_and_out() {
+    let pki = Pki::new("ca");
+    let (cert, key) = pki.issue("site", &["site.test"], false);
+    let (ucert, ukey) = pki.issue("backend", &["backend.test"], false);
+    let (listener, up) = upstream_listener();
+    let tables = format!(
+        "send_proxy = \"v1\"\n[route.client]\nproxy_protocol = true\n{}[route.upstream.tls]\nca = \"{}\"\nserver_name = \"backend.test\"\n",
+        terminate(&cert, &key, ""),
+        toml_path(&pki.ca_path())
+    );
+    let proxy = Proxy::start(&route(up, &tables));
+    let scfg = server_config(&ucert, &ukey);
+    let server = thread::spawn(move || {
+        // The PROXY line arrives in the clear, then the TLS handshake on the same socket.
+        let mut sock = accept(&listener);
+        sock.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            sock.read_exact(&mut b).unwrap();
+            line.push(b[0]);
+            assert!(line.len() <= 107, "no PROXY line: {line:?}");
+        }
+        let mut conn = ServerConnection::new(scfg).unwrap();
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)
+                .expect("TLS after the PROXY line");
+        }
+        let mut s = rustls::StreamOwned::new(conn, sock);
+        let mut msg = [0u8; 5];
+        s.read_exact(&mut msg).unwrap();
+        s.write_all(b"world").unwrap();
+        s.flush().unwrap();
+        (String::from_utf8_lossy(&line).into_owned(), msg)
+    });
+    let mut sock = TcpStream::connect(proxy.addr("t")).unwrap();
+    sock.write_all(b"PROXY TCP4 192.0.2.7 127.0.0.1 5555 443\r\n")
+        .unwrap();
+    let mut c = tls_over(sock, client_config(pki.roots(), None), "site.test").unwrap();
+    c.write_all(b"hello").unwrap();
+    let mut b = [0u8; 5];
+    c.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"world");
+    let (line, msg) = server.join().unwrap();
+    assert_eq!(&msg, b"hello");
+    assert!(
+        line.starts_with("PROXY TCP4 192.0.2.7 127.0.0.1 5555 443"),
+        "the original client goes to the server: {line:?}"
+    );
+}
+
+#[test]
+fn min_version_and_alpn_are_what_clients_get() {
+    let pki = Pki::new("ca");
+    let (cert, key) = pki.issue("site", &["site.test"], false);
+    let up = echo_server();
+    let extra = "min_version = \"1.3\"\nalpn = [\"http/1.1\"]\n";
+    let proxy = Proxy::start(&route(up, &terminate(&cert, &key, extra)));
+    // ALPN: the client offers two, the route speaks one.
+    let mut cfg = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let c = tls_connect(proxy.addr("t"), Arc::new(cfg), "site.test").unwrap();
+    assert_eq!(c.conn.alpn_protocol(), Some(&b"http/1.1"[..]));
+    assert_eq!(
+        c.conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    drop(c);
+    // A TLS 1.2-only client is refused: no version in common.
+    let cfg = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(pki.roots())
+        .with_no_client_auth();
+    assert!(tls_connect(proxy.addr("t"), Arc::new(cfg), "site.test").is_err());
+    let closes = proxy.wait_events(
+        |v| message(v) == "pair closed" && reason(v) == "client_tls_error",
+        1,
+        Duration::from_secs(10),
+    );
+    println!("{}", closes[0]);
+    let (_, metrics) = admin_get(proxy.admin(), "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"client\",reason=\"negotiation\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
