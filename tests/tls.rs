@@ -1416,3 +1416,49 @@ fn min_version_and_alpn_are_what_clients_get() {
         "{metrics}"
     );
 }
+
+#[test]
+fn an_upstream_that_never_answers_the_handshake_times_out_as_upstream_tls_error() {
+    const TIMEOUT: Duration = Duration::from_secs(1);
+    const TOLERANCE: Duration = Duration::from_millis(1500);
+    let pki = Pki::new("ca");
+    let (listener, up) = upstream_listener();
+    let proxy = Proxy::start(&route(
+        up,
+        &format!(
+            "[route.upstream.tls]\nca = \"{}\"\nserver_name = \"backend.test\"\nhandshake_timeout = \"1s\"\n",
+            toml_path(&pki.ca_path())
+        ),
+    ));
+    let mut c = connect(proxy.addr("t"));
+    c.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    // Accepted and read from, never answered.
+    let mut u = accept(&listener);
+    let t0 = Instant::now();
+    let mut hello = [0u8; 5];
+    u.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+    u.read_exact(&mut hello).unwrap();
+    assert_eq!(hello[0], 0x16, "a TLS handshake record");
+    let r = c.read(&mut [0u8; 1]);
+    let elapsed = t0.elapsed();
+    println!(
+        "upstream handshake timed out after {elapsed:?} (bound {TIMEOUT:?} + {TOLERANCE:?}): {r:?}"
+    );
+    assert!(
+        matches!(&r, Err(e) if e.kind() == ErrorKind::ConnectionReset),
+        "the client is reset: {r:?}"
+    );
+    assert!(elapsed <= TIMEOUT + TOLERANCE, "{elapsed:?}");
+    let closes = proxy.wait_closes(1, Duration::from_secs(5));
+    assert_eq!(reason(&closes[0]), "upstream_tls_error", "{}", closes[0]);
+    let (_, metrics) = admin_get(proxy.admin(), "/metrics");
+    assert_eq!(
+        metric(
+            &metrics,
+            "kaproxy_tls_handshake_failures_total{route=\"t\",side=\"upstream\",reason=\"timeout\"}"
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+    drop(u);
+}
