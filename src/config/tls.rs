@@ -215,8 +215,19 @@ pub(super) fn client_tls(
         .as_ref()
         .filter(|l| !l.get_ref().is_empty())
     else {
+        // Point at the table: at one of its fields, else at the route.
+        let span = raw
+            .certificates
+            .as_ref()
+            .map(|l| l.span())
+            .or_else(|| raw.client_ca.as_ref().map(|v| v.span()))
+            .or_else(|| raw.min_version.as_ref().map(|v| v.span()))
+            .or_else(|| raw.alpn.as_ref().map(|v| v.span()))
+            .or_else(|| raw.handshake_timeout.as_ref().map(|v| v.span()))
+            .or_else(|| raw.enabled.as_ref().map(|v| v.span()))
+            .unwrap_or(table_span);
         return ctx.err(
-            raw.certificates.as_ref().map_or(table_span, |l| l.span()),
+            span,
             &at("certificates"),
             "TLS towards clients needs at least one certificate",
             "certificates = [{ cert = \"site.pem\", key = \"site.key\" }]",
@@ -507,4 +518,92 @@ pub(super) fn describe(client: Option<&ClientTls>, upstream: Option<&UpstreamTls
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use super::*;
+    use crate::config::Config;
+
+    /// A self-signed certificate and its key, written into `dir` as `stem`.pem/.key.
+    fn self_signed(dir: &Path, stem: &str) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![format!("{stem}.test")])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join(format!("{stem}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    }
+
+    #[test]
+    fn tls_fields_inherit_one_by_one_and_paths_are_relative_to_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        self_signed(dir.path(), "site");
+        self_signed(dir.path(), "ca");
+        let file = dir.path().join("k.toml");
+        let text = "[defaults.client.tls]\ncertificates = [{ cert = \"site.pem\", key = \"site.key\" }]\nhandshake_timeout = \"3s\"\n[defaults.upstream.tls]\nserver_name = \"backend.test\"\n[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n[route.client.tls]\nmin_version = \"1.3\"\n[route.upstream]\nservers = [\"b:1\"]\n[route.upstream.tls]\nca = \"ca.pem\"\n[[route]]\nname = \"s\"\nlisten = \"127.0.0.1:0\"\n[route.client.tls]\nenabled = false\n[route.upstream]\nservers = [\"b:1\"]\n";
+        let cfg = Config::from_toml(&file.display().to_string(), text).unwrap();
+        let r = &cfg.routes[0];
+        let c = r.client.tls.as_ref().unwrap();
+        assert_eq!(c.certificates[0].cert, dir.path().join("site.pem"));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(3), "from defaults");
+        assert_eq!(c.min_version, TlsVersion::V1_3, "from the route");
+        let u = r.upstream.tls.as_ref().unwrap();
+        assert_eq!(u.ca, CaSource::File(dir.path().join("ca.pem")));
+        assert_eq!(u.server_name.as_deref(), Some("backend.test"));
+        assert_eq!(u.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        let s = &cfg.routes[1];
+        assert_eq!(s.client.tls, None, "enabled = false");
+        assert!(s.upstream.tls.is_some(), "inherited");
+        assert_eq!(s.upstream.tls.as_ref().unwrap().ca, CaSource::System);
+    }
+
+    #[test]
+    fn bad_tls_values_name_the_line_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        self_signed(dir.path(), "site");
+        let file = dir.path().join("k.toml").display().to_string();
+        let route = "[[route]]\nname = \"r\"\nlisten = \"127.0.0.1:0\"\n[route.upstream]\nservers = [\"b:1\"]\n";
+        for (tail, line, field) in [
+            ("[route.client.tls]\nmin_version = \"1.1\"\ncertificates = [{ cert = \"site.pem\", key = \"site.key\" }]\n", 7, "route \"r\".client.tls.min_version"),
+            ("[route.client.tls]\nclient_ca = \"site.pem\"\n", 7, "route \"r\".client.tls.certificates"),
+            ("[route.upstream.tls]\nserver_name = \"not a name\"\n", 7, "route \"r\".upstream.tls.server_name"),
+            ("[route.upstream.tls]\nclient_cert = \"site.pem\"\n", 7, "route \"r\".upstream.tls.client_cert"),
+            ("[route.upstream.tls]\nhandshake_timeout = \"0s\"\n", 7, "route \"r\".upstream.tls.handshake_timeout"),
+            ("[route.client.tls]\ncertificates = [{ cert = \"site.pem\" }]\n", 7, "route \"r\".client.tls.certificates[0]"),
+        ] {
+            let err = Config::from_toml(&file, &format!("{route}{tail}")).unwrap_err();
+            assert_eq!(err.line(), Some(line), "{tail}: {err}");
+            assert!(err.to_string().contains(&format!(": {field}:")), "{tail}: {err}");
+        }
+    }
+
+    #[test]
+    fn expiry_warnings_start_30_days_ahead() {
+        let info = |days: i64| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64;
+            files::CertInfo {
+                subject: "CN=x".into(),
+                names: vec![],
+                not_after: now + days * 86_400 + 60,
+                not_after_text: "then".into(),
+            }
+        };
+        let now = SystemTime::now();
+        assert_eq!(info(31).expiry_warning(now), None);
+        assert!(info(29)
+            .expiry_warning(now)
+            .unwrap()
+            .starts_with("expires in 29 days"));
+        assert!(info(-1)
+            .expiry_warning(now)
+            .unwrap()
+            .starts_with("expired on"));
+    }
 }
