@@ -26,6 +26,10 @@ RUN touch src/main.rs src/lib.rs \
     && /out/kaproxy --version
 
 FROM debian:bookworm-slim
+# The OS trust store, for upstream TLS with ca = "system" (the default).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged user: kaproxy needs no capabilities for ports above 1023.
 RUN useradd --system --uid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin kaproxy
 COPY --from=build /out/kaproxy /usr/local/bin/kaproxy

@@ -4,7 +4,7 @@
 # then the Debian package in a fresh root (tests/deb/run.sh).
 #
 # As root it installs nftables, iproute2, util-linux (unshare), tomcat10, haproxy,
-# nginx and libnginx-mod-stream with apt-get;
+# nginx, libnginx-mod-stream, curl, openssl and ca-certificates with apt-get;
 # without root those tests print why they are skipped, and under CI=true a
 # skipped namespace test is a failure.
 set -euo pipefail
@@ -31,6 +31,10 @@ command -v debootstrap >/dev/null 2>&1 || need_pkgs+=(debootstrap)
 command -v systemd-nspawn >/dev/null 2>&1 || need_pkgs+=(systemd-container)
 # scripts/syscall-check.sh traces kaproxy against the unit's system call filter.
 command -v strace >/dev/null 2>&1 || need_pkgs+=(strace)
+# The TLS tests (tests/tls.rs) use real TLS peers: curl, openssl s_client and s_server.
+command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+[ -d /etc/ssl/certs ] || need_pkgs+=(ca-certificates)
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing: ${need_pkgs[*]}"

@@ -133,6 +133,21 @@ pub struct ForwardArgs {
     /// Admin endpoint address, or "off".
     #[arg(long, value_parser = parse_admin, default_value = DEFAULT_ADMIN_LISTEN)]
     pub admin: AdminListen,
+    /// Terminate TLS from clients with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Originate TLS to the servers.
+    #[arg(long)]
+    pub upstream_tls: bool,
+    /// PEM file of the CAs the servers' certificates must chain to (default: the system's).
+    #[arg(long, value_name = "FILE", requires = "upstream_tls")]
+    pub upstream_ca: Option<PathBuf>,
+    /// SNI name sent to the servers and verified (default: each server's host).
+    #[arg(long, value_name = "NAME", requires = "upstream_tls")]
+    pub upstream_server_name: Option<String>,
 }
 
 /// `kaproxy probe` arguments.
@@ -218,6 +233,16 @@ impl ForwardArgs {
                     keepalive: self.client_keepalive,
                     path_idle_limit: None,
                     proxy_protocol: self.proxy_protocol.then_some(self.proxy_protocol_timeout),
+                    tls: match (self.tls_cert, self.tls_key) {
+                        (Some(cert), Some(key)) => Some(config::ClientTls {
+                            certificates: vec![config::CertFiles { cert, key }],
+                            client_ca: None,
+                            min_version: config::TlsVersion::V1_2,
+                            alpn: Vec::new(),
+                            handshake_timeout: config::DEFAULT_HANDSHAKE_TIMEOUT,
+                        }),
+                        _ => None,
+                    },
                 },
                 upstream: UpstreamSpec {
                     servers: self
@@ -233,6 +258,15 @@ impl ForwardArgs {
                     keepalive: self.upstream_keepalive,
                     path_idle_limit: None,
                     send_proxy: self.send_proxy,
+                    tls: self.upstream_tls.then(|| config::UpstreamTls {
+                        ca: self
+                            .upstream_ca
+                            .map_or(config::CaSource::System, config::CaSource::File),
+                        server_name: self.upstream_server_name,
+                        client_cert: None,
+                        insecure_skip_verify: false,
+                        handshake_timeout: config::DEFAULT_HANDSHAKE_TIMEOUT,
+                    }),
                 },
                 idle_timeout: nonzero(self.idle_timeout),
                 half_close_timeout: nonzero(self.half_close_timeout),

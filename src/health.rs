@@ -1,5 +1,8 @@
 //! Active health checks: one task per server, TCP connect or HTTP GET through
 //! hyper's client, on sockets that carry the route's upstream keepalive settings.
+//! On a route with upstream TLS every check does the TLS handshake too (and the
+//! HTTP check runs over it), as HAProxy's `check-ssl`: a server whose
+//! certificate kaproxy would refuse is not healthy.
 
 use std::sync::Arc;
 
@@ -26,13 +29,14 @@ pub async fn run(
     check: HealthCheck,
     keepalive: KeepaliveSpec,
     send_proxy: SendProxy,
+    tls: Option<TlsCheck>,
     stop: CancellationToken,
 ) {
     let server = pool.servers[index].spec.addr.clone();
     loop {
         let result = tokio::select! {
             _ = stop.cancelled() => return,
-            r = tokio::time::timeout(check.timeout, probe(&server, &check, &keepalive, send_proxy)) => match r {
+            r = tokio::time::timeout(check.timeout, probe(&server, &check, &keepalive, send_proxy, tls.as_ref())) => match r {
                 Ok(r) => r,
                 Err(_) => Err(format!("no answer within {}", fmt_duration(check.timeout))),
             },
@@ -50,12 +54,19 @@ pub async fn run(
     }
 }
 
+/// The TLS a route's checks do: its upstream client config and the name to verify.
+pub type TlsCheck = (
+    Arc<rustls::ClientConfig>,
+    rustls::pki_types::ServerName<'static>,
+);
+
 /// One check. Ok carries a short description of the success, Err of the failure.
 async fn probe(
     server: &ServerAddr,
     check: &HealthCheck,
     keepalive: &KeepaliveSpec,
     send_proxy: SendProxy,
+    tls: Option<&TlsCheck>,
 ) -> Result<String, String> {
     let (mut stream, addr) = connect::connect_one(server, keepalive, check.timeout).await?;
     let version = match send_proxy {
@@ -70,6 +81,32 @@ async fn probe(
             .await
             .map_err(|e| format!("sending the PROXY header to {addr}: {e}"))?;
     }
+    let Some((config, name)) = tls else {
+        return match &check.kind {
+            HealthKind::Tcp => Ok(format!("connected to {addr}")),
+            HealthKind::Http { .. } => http_get(stream, addr, server, check).await,
+        };
+    };
+    let stream = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name.clone(), stream)
+        .await
+        .map_err(|e| format!("TLS handshake with {addr}: {e}"))?;
+    match &check.kind {
+        HealthKind::Tcp => Ok(format!("TLS handshake with {addr} done")),
+        HealthKind::Http { .. } => http_get(stream, addr, server, check).await,
+    }
+}
+
+/// The HTTP check's GET over `stream` (plain TCP or TLS).
+async fn http_get<S>(
+    stream: S,
+    addr: std::net::SocketAddr,
+    server: &ServerAddr,
+    check: &HealthCheck,
+) -> Result<String, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     match &check.kind {
         HealthKind::Tcp => Ok(format!("connected to {addr}")),
         HealthKind::Http { path, expect, host } => {

@@ -14,6 +14,7 @@
 //! - [`fdlimit`]: RLIMIT_NOFILE against what the routes' max_connections need.
 //! - [`app`]: wires routes to listeners, applies reloads and owns the shutdown path.
 //! - [`watch`]: notices that the configuration file changed (`run --watch`).
+//! - [`tls`]: rustls configs built once per route, handshakes on the raw sockets, session info.
 //! - [`cli`]: the command line, used by the binary.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -30,5 +31,6 @@ pub mod pair;
 pub mod pool;
 pub mod probe;
 pub mod telemetry;
+pub mod tls;
 pub mod watch;
 pub mod workers;

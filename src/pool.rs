@@ -401,6 +401,7 @@ mod tests {
     fn pool(n: usize, balance: Balance, ejection: Ejection) -> Pool {
         let spec = UpstreamSpec {
             send_proxy: crate::config::SendProxy::Off,
+            tls: None,
             servers: (0..n)
                 .map(|i| Server {
                     addr: ServerAddr {

@@ -149,13 +149,13 @@ pub const ECHO_ROLE: &str = "KAPROXY_BENCH_ECHO_PROCESS";
 
 /// Runs the idle-pair upstream in its own process, so that its descriptors do not
 /// count against this process's limit.
-struct EchoProcess {
+pub struct EchoProcess {
     child: Child,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl EchoProcess {
-    fn start() -> Result<EchoProcess, String> {
+    pub fn start() -> Result<EchoProcess, String> {
         let mut child = Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
             .env(ECHO_ROLE, "1")
             .stdout(Stdio::piped())

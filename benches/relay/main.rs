@@ -7,24 +7,28 @@
 //! - single-stream throughput: iperf3 client to iperf3 server, and this process's own
 //!   sender and sink;
 //! - 64-byte round trips against an echo server, 1 and 16 connections;
-//! - resident memory per idle pair.
+//! - resident memory per idle pair;
+//! - TLS termination against HAProxy's `ssl` (same ECDSA P-256 certificate): full handshakes
+//!   per second, bulk throughput, memory per idle TLS pair (tls.rs).
 //!
 //! Run with `cargo bench --bench relay`; `cargo test --benches` runs it as a smoke with tiny
 //! sizes. Missing tools (wrk, iperf3, nginx, haproxy) skip what needs them, with the reason.
 //! Every loop is bounded in count and in time; every child is killed when its part ends.
 //!
 //! Environment knobs (all optional):
-//! - KAPROXY_BENCH_ONLY: comma-separated parts among connrate, keepalive, throughput, rt, idle;
+//! - KAPROXY_BENCH_ONLY: comma-separated parts among connrate, keepalive, throughput, rt, idle, tls;
 //! - KAPROXY_BENCH_BASELINE: path of another kaproxy binary, run side by side as "baseline";
 //! - KAPROXY_BENCH_SECS: seconds per wrk and iperf3 run (default 5);
 //! - KAPROXY_BENCH_CONNS: wrk connections (default 64);
 //! - KAPROXY_BENCH_BYTES: bytes per in-process bulk run (default 1 GiB);
 //! - KAPROXY_BENCH_ROUNDS: round trips per run (default 20000);
-//! - KAPROXY_BENCH_IDLE_PAIRS: idle pairs (default 7500; fewer when RLIMIT_NOFILE is lower).
+//! - KAPROXY_BENCH_IDLE_PAIRS: idle pairs (default 7500; fewer when RLIMIT_NOFILE is lower);
+//! - KAPROXY_BENCH_TLS_PAIRS: idle TLS pairs (default 2000).
 
 mod inproc;
 mod procs;
 mod report;
+mod tls;
 mod tools;
 
 use std::net::SocketAddr;
@@ -33,7 +37,7 @@ use std::path::PathBuf;
 use procs::{Proc, Running, Spec, Traffic};
 use report::{Measure, Report};
 
-const PARTS: [&str; 5] = ["connrate", "keepalive", "throughput", "rt", "idle"];
+const PARTS: [&str; 6] = ["connrate", "keepalive", "throughput", "rt", "idle", "tls"];
 
 /// The body nginx serves for the HTTP parts: small, so that the proxy's per-connection and
 /// per-request work dominates, not the copying.
@@ -327,6 +331,18 @@ fn main() {
     } else {
         None
     };
+    if opts.wants("tls") {
+        let tls_opts = tls::TlsOpts {
+            runs: opts.runs,
+            secs: opts.secs,
+            bytes: opts.bytes.min(if opts.full { 512 << 20 } else { 8 << 20 }),
+            pairs: env_usize(
+                "KAPROXY_BENCH_TLS_PAIRS",
+                if opts.full { 2_000 } else { 50 },
+            ),
+        };
+        tls::run(&tls_opts, &specs, &mut report);
+    }
     println!("load average at end: {}", report::loadavg());
 
     println!();

@@ -270,11 +270,90 @@ impl Spec {
                 name,
                 bin,
                 admin_flag,
-            } => start_kaproxy(name, bin, *admin_flag, upstream),
+            } => start_kaproxy(name, bin, *admin_flag, upstream, &[]),
             Spec::Haproxy(bin) => start_haproxy(bin, upstream, max_pairs, traffic),
             Spec::NginxStream(nginx) => nginx.start_stream(upstream, max_pairs),
         }
     }
+
+    /// The proxy terminating TLS in front of the plain `upstream`, with the same
+    /// certificate: `cert` and `key` files, and `combined` (both in one file, HAProxy's `crt`).
+    pub fn start_tls(
+        &self,
+        upstream: SocketAddr,
+        max_pairs: usize,
+        files: &TlsFiles,
+    ) -> Result<Running, String> {
+        match self {
+            Spec::Kaproxy {
+                name: "kaproxy",
+                bin,
+                admin_flag,
+            } => {
+                let (cert, key) = (files.cert.display(), files.key.display());
+                let (cert, key) = (cert.to_string(), key.to_string());
+                let args = ["--tls-cert", cert.as_str(), "--tls-key", key.as_str()];
+                start_kaproxy("kaproxy", bin, *admin_flag, upstream, &args)
+            }
+            Spec::Haproxy(bin) => start_haproxy_tls(bin, upstream, max_pairs, &files.combined),
+            _ => Err(format!("{}: no TLS case", self.name())),
+        }
+    }
+}
+
+/// The certificate every TLS case uses, as each proxy wants it.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub combined: PathBuf,
+}
+
+/// HAProxy terminating TLS (`bind ... ssl crt`) and relaying plain TCP, copying through its
+/// buffers (no splice: the bytes pass through OpenSSL anyway).
+fn start_haproxy_tls(
+    bin: &Path,
+    upstream: SocketAddr,
+    max_pairs: usize,
+    combined: &Path,
+) -> Result<Running, String> {
+    let port = free_port()?;
+    let dir = tempfile::tempdir().map_err(|e| format!("haproxy: temp dir: {e}"))?;
+    let cfg = dir.path().join("haproxy.cfg");
+    let maxconn = max_pairs.max(4000) + 100;
+    let text = format!(
+        "global
+  maxconn {maxconn}
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 1h
+  timeout server 1h
+frontend f
+  bind 127.0.0.1:{port} ssl crt {}
+  default_backend b
+backend b
+  server s1 {upstream}
+",
+        combined.display()
+    );
+    std::fs::write(&cfg, text).map_err(|e| format!("haproxy: {e}"))?;
+    let log = std::fs::File::create(dir.path().join("haproxy.log"))
+        .map_err(|e| format!("haproxy: {e}"))?;
+    let child = Command::new(bin)
+        .arg("-db")
+        .arg("-f")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("haproxy: cannot run {}: {e}", bin.display()))?;
+    let mut proc = Proc::new(child, Some(dir));
+    wait_listening(&mut proc, port, "haproxy.log", "haproxy")?;
+    Ok(Running {
+        name: "haproxy",
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        proc,
+    })
 }
 
 /// The proxies this machine can run, and a sentence for each one it cannot.
@@ -329,6 +408,7 @@ fn start_kaproxy(
     bin: &Path,
     admin_flag: bool,
     upstream: SocketAddr,
+    extra: &[&str],
 ) -> Result<Running, String> {
     let mut cmd = Command::new(bin);
     cmd.args(["--log-format", "json", "forward"]);
@@ -339,6 +419,7 @@ fn start_kaproxy(
     let mut child = cmd
         .arg("127.0.0.1:0")
         .arg(upstream.to_string())
+        .args(extra)
         // No event per pair: HAProxy and nginx log nothing per connection here either.
         .env("KAPROXY_LOG", "warn,kaproxy::app=info")
         .stdout(Stdio::piped())

@@ -17,6 +17,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{fmt_duration, Config, Route};
 use crate::net::sockopt;
 use crate::pair::registry::Registry;
+use crate::pair::tls::RouteTls;
 use crate::pair::RouteState;
 use crate::pool::Pool;
 use crate::telemetry::metrics::Metrics;
@@ -38,6 +39,17 @@ pub struct StartError {
     pub what: String,
     /// The underlying error.
     pub source: std::io::Error,
+}
+
+/// The route's TLS configs, read from its files now: at start, and at every
+/// reload (so that renewed certificates are picked up). A file that changed
+/// since the configuration was checked fails here, naming the file.
+fn build_tls(route: &Route, metrics: &Metrics) -> Result<Option<Box<RouteTls>>, StartError> {
+    RouteTls::build(route, metrics).map_err(|e| StartError {
+        route: format!("route \"{}\"", route.name),
+        what: "cannot set up TLS".to_string(),
+        source: std::io::Error::other(e),
+    })
 }
 
 /// Binds the admin endpoint's listener; logs where it listens.
@@ -124,12 +136,14 @@ impl App {
             source,
         })?;
         check_descriptors(&config, workers.handles().len());
+        let metrics = Arc::new(Metrics::new());
         let mut bound = Vec::with_capacity(config.routes.len());
+        let mut tls = Vec::with_capacity(config.routes.len());
         for route in &config.routes {
             bound.push(route::bind(route, &workers, false)?);
+            tls.push(build_tls(route, &metrics)?);
         }
         let admin_listener = config.admin.map(bind_admin).transpose()?;
-        let metrics = Arc::new(Metrics::new());
         metrics.config_loaded(true);
         let registry = Arc::new(Registry::default());
         let stop_accepting = CancellationToken::new();
@@ -158,8 +172,8 @@ impl App {
         if let Some(listener) = admin_listener {
             app.serve_admin(listener);
         }
-        for (route, bound) in config.routes.into_iter().zip(bound) {
-            let state = app.route_state(route);
+        for ((route, bound), tls) in config.routes.into_iter().zip(bound).zip(tls) {
+            let state = app.route_state(route, tls);
             let running = RunningRoute::start(state, bound, &app.spawner());
             app.routes.push(running);
         }
@@ -176,7 +190,7 @@ impl App {
         }
     }
 
-    fn route_state(&self, route: Route) -> Arc<RouteState> {
+    fn route_state(&self, route: Route, tls: Option<Box<RouteTls>>) -> Arc<RouteState> {
         let pool = Arc::new(Pool::new(
             &route.name,
             &route.upstream,
@@ -185,6 +199,7 @@ impl App {
         Arc::new(RouteState::new(
             route,
             pool,
+            tls,
             &self.metrics,
             self.ids.clone(),
             self.registry.clone(),

@@ -11,9 +11,10 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 
 use super::route::{self, Bound, RunningRoute};
-use super::{bind_admin, App, StartError};
+use super::{bind_admin, build_tls, App, StartError};
 use crate::config::{fmt_duration, Config, ConfigError, Route};
 use crate::pair::close::{CloseReason, Side};
+use crate::pair::tls::RouteTls;
 use crate::pair::RouteState;
 use crate::pool::Pool;
 
@@ -23,9 +24,9 @@ pub enum ReloadError {
     /// The new file does not parse or validate.
     #[error("{0}")]
     Config(#[from] ConfigError),
-    /// A new listen address cannot be bound.
+    /// A new listen address cannot be bound, or a TLS file cannot be used.
     #[error("{0}")]
-    Bind(#[from] StartError),
+    Start(#[from] StartError),
     /// kaproxy runs on command-line settings (`forward`): there is no file.
     #[error("nothing to reload: kaproxy was started without a configuration file")]
     NoFile,
@@ -194,6 +195,13 @@ impl App {
             _ => None,
         };
 
+        // TLS files are read again for every route that has TLS, changed
+        // or not: a renewed certificate is a reload's most common reason.
+        let mut tls: HashMap<String, Option<Box<RouteTls>>> = HashMap::new();
+        for route in &config.routes {
+            tls.insert(route.name.clone(), build_tls(route, &self.metrics)?);
+        }
+
         // Phase 2: apply. Nothing below fails the reload.
         // First, routes that gave their listeners away stop accepting on
         // them, so that no client meant for the new owner reaches them.
@@ -214,11 +222,13 @@ impl App {
                 Some(i) => {
                     let mut running = old_routes.swap_remove(i);
                     let b = bound.remove(&route.name);
-                    self.change(&mut running, route, b).await;
+                    let t = tls.remove(&route.name).flatten();
+                    self.change(&mut running, route, b, t).await;
                     running
                 }
                 None => {
-                    let state = self.route_state(route.clone());
+                    let t = tls.remove(&route.name).flatten();
+                    let state = self.route_state(route.clone(), t);
                     match bound.remove(&route.name) {
                         Some(b) => {
                             tracing::info!(route = %route.name, "route added");
@@ -309,17 +319,35 @@ impl App {
                     &state.name,
                     &CloseReason::ALL.map(CloseReason::as_str),
                     [Side::Client.as_str(), Side::Upstream.as_str()],
+                    &crate::tls::HandshakeFailure::ALL.map(crate::tls::HandshakeFailure::as_str),
                 );
             }
         });
     }
 
     /// Applies a new version of a running route.
-    async fn change(&self, running: &mut RunningRoute, new: Route, bound: Option<Bound>) {
+    async fn change(
+        &self,
+        running: &mut RunningRoute,
+        new: Route,
+        bound: Option<Bound>,
+        tls: Option<Box<RouteTls>>,
+    ) {
         let state: Arc<RouteState> = running.state.clone();
         let old: Route = state.live().route.clone();
         let change = RouteChange::between(&old, &new, running.bound);
         if !change.any {
+            if tls.is_some() {
+                // The same settings with the TLS files read again: new
+                // handshakes use them, live sessions keep theirs.
+                let pool = state.live().pool.clone();
+                let upstream_tls = new.upstream.tls.is_some();
+                state.set_live(new, pool, tls);
+                if upstream_tls {
+                    running.check_health(&self.spawner());
+                }
+                tracing::info!(route = %state.name, "TLS certificates and keys read again");
+            }
             return;
         }
         tracing::info!(route = %new.name, changed = %change.describe(&old, &new), "route changed");
@@ -339,8 +367,9 @@ impl App {
                     .forget_server(&new.name, &server.addr.to_string());
             }
         }
-        state.set_live(new.clone(), pool);
-        if change.pool {
+        let upstream_tls = new.upstream.tls.is_some();
+        state.set_live(new.clone(), pool, tls);
+        if change.pool || upstream_tls {
             running.check_health(&self.spawner());
         }
         if let Some(bound) = bound {

@@ -176,6 +176,7 @@ impl RunningRoute {
                 check.clone(),
                 live.route.upstream.keepalive,
                 live.route.upstream.send_proxy,
+                live.tls.as_ref().and_then(|t| t.health_check(index)),
                 self.health.clone(),
             ));
         }

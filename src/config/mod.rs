@@ -13,6 +13,7 @@ mod raw;
 mod resolve;
 mod route;
 mod source;
+mod tls;
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -28,6 +29,7 @@ pub use path_limit::{
 };
 pub use pool::parse_server;
 pub use resolve::parse_listen;
+pub use tls::{CaSource, CertFiles, ClientTls, TlsVersion, UpstreamTls, DEFAULT_HANDSHAKE_TIMEOUT};
 
 /// Built-in keepalive idle time for both sides.
 pub const DEFAULT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
@@ -108,6 +110,8 @@ pub struct ClientSpec {
     /// Every connection must start with a PROXY header (v1 or v2), received
     /// within this time; `None` = no header expected.
     pub proxy_protocol: Option<Duration>,
+    /// Terminate TLS from clients; `None` = plain TCP.
+    pub tls: Option<ClientTls>,
 }
 
 /// Upstream side of a route.
@@ -132,6 +136,8 @@ pub struct UpstreamSpec {
     pub path_idle_limit: Option<PathIdleLimit>,
     /// The PROXY header sent first on every upstream connection.
     pub send_proxy: SendProxy,
+    /// Originate TLS to the servers; `None` = plain TCP.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// Which PROXY header kaproxy sends to the upstream, if any.
@@ -481,6 +487,10 @@ impl Config {
                 }
             );
             let _ = writeln!(out, "  send_proxy         = {}", u.send_proxy.as_str());
+            out.push_str(&tls::describe(
+                route.client.tls.as_ref(),
+                route.upstream.tls.as_ref(),
+            ));
             for (side, ka, limit) in [
                 (
                     "client",

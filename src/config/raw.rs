@@ -61,6 +61,8 @@ pub struct RawClient {
     pub path_idle_limit: Option<SStr>,
     pub proxy_protocol: Option<Spanned<bool>>,
     pub proxy_protocol_timeout: Option<SStr>,
+    /// `[client.tls]`: terminate TLS (see config/tls.rs).
+    pub tls: Option<super::tls::RawClientTls>,
 }
 
 /// `[defaults.upstream]`: servers are per route only.
@@ -75,6 +77,8 @@ pub struct RawUpstreamDefaults {
     pub retries: Option<Spanned<i64>>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_ejection: Option<RawEjection>,
+    /// `[upstream.tls]`: originate TLS (see config/tls.rs).
+    pub tls: Option<super::tls::RawUpstreamTls>,
 }
 
 /// `[route.upstream]`.
@@ -92,6 +96,8 @@ pub struct RawUpstream {
     pub retries: Option<Spanned<i64>>,
     pub health_check: Option<RawHealthCheck>,
     pub passive_ejection: Option<RawEjection>,
+    /// `[upstream.tls]`: originate TLS (see config/tls.rs).
+    pub tls: Option<super::tls::RawUpstreamTls>,
 }
 
 /// `health_check = { http = "/health", expect = "2xx", interval = "5s", ... }` or `{ tcp = true, ... }`.
@@ -191,7 +197,7 @@ merge_struct!(RawRoute {
 });
 merge_struct!(RawClient {
     values: [path_idle_limit, proxy_protocol, proxy_protocol_timeout],
-    tables: [keepalive]
+    tables: [keepalive, tls]
 });
 merge_struct!(RawUpstreamDefaults {
     values: [
@@ -201,7 +207,7 @@ merge_struct!(RawUpstreamDefaults {
         balance,
         retries
     ],
-    tables: [keepalive, health_check, passive_ejection]
+    tables: [keepalive, health_check, passive_ejection, tls]
 });
 merge_struct!(RawUpstream {
     values: [
@@ -212,7 +218,7 @@ merge_struct!(RawUpstream {
         balance,
         retries
     ],
-    tables: [keepalive, health_check, passive_ejection]
+    tables: [keepalive, health_check, passive_ejection, tls]
 });
 merge_struct!(RawKeepalive {
     values: [enabled, idle, interval, probes, user_timeout, stall_timeout],

@@ -219,11 +219,33 @@ pub(super) fn resolve(
         };
 
         let layer = RouteLayer::read(&ctx, r.into(), &format!("route \"{name}\""))?;
+        // TLS of both sides, inherited from [defaults] field by field (config/tls.rs).
+        let base = super::tls::base_dir(file);
+        let d = raw.defaults.as_ref();
+        let client_tls = super::tls::client_tls(
+            &ctx,
+            d.and_then(|d| d.client.as_ref())
+                .and_then(|c| c.tls.as_ref()),
+            r.client.as_ref().and_then(|c| c.tls.as_ref()),
+            &at("client.tls"),
+            route_span.clone(),
+            &base,
+        )?;
+        let upstream_tls = super::tls::upstream_tls(
+            &ctx,
+            d.and_then(|d| d.upstream.as_ref())
+                .and_then(|u| u.tls.as_ref()),
+            upstream_raw.and_then(|u| u.tls.as_ref()),
+            &at("upstream.tls"),
+            &base,
+        )?;
         let id = RouteIdentity {
             name,
             listen,
             servers,
             span: route_span,
+            client_tls,
+            upstream_tls,
         };
         routes.push(finish(&ctx, id, layer, &defaults)?);
     }

@@ -173,6 +173,9 @@ pub(super) struct RouteIdentity {
     pub(super) servers: Vec<Server>,
     /// Where errors about the finished route point: the route's table.
     pub(super) span: std::ops::Range<usize>,
+    /// TLS of each side, already inherited and checked (config/tls.rs).
+    pub(super) client_tls: Option<super::ClientTls>,
+    pub(super) upstream_tls: Option<super::UpstreamTls>,
 }
 
 /// The finished route: each field from the route, else `[defaults]`, else
@@ -227,6 +230,7 @@ pub(super) fn finish(
             keepalive: client_keepalive,
             path_idle_limit: client_limit,
             proxy_protocol,
+            tls: id.client_tls,
         },
         upstream: UpstreamSpec {
             servers: id.servers,
@@ -244,6 +248,7 @@ pub(super) fn finish(
                 .send_proxy
                 .or(defaults.send_proxy)
                 .unwrap_or(SendProxy::Off),
+            tls: id.upstream_tls,
         },
         idle_timeout: layer.idle_timeout.or(defaults.idle_timeout).unwrap_or(None),
         half_close_timeout: layer

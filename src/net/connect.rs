@@ -187,6 +187,7 @@ mod tests {
                 .collect(),
             balance,
             send_proxy: crate::config::SendProxy::Off,
+            tls: None,
             retries: None,
             health_check: None,
             ejection: DEFAULT_EJECTION,

@@ -81,11 +81,15 @@ pub enum CloseReason {
     /// A configuration reload removed the pair's route, and the pair had not
     /// finished within `shutdown_grace`.
     RouteRemoved,
+    /// The TLS handshake with the client failed or timed out.
+    ClientTlsError,
+    /// The TLS handshake with the upstream failed or timed out.
+    UpstreamTlsError,
 }
 
 impl CloseReason {
     /// Every reason, in a fixed order ([`CloseReason::index`]).
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 17] = [
         CloseReason::Completed,
         CloseReason::ClientDead,
         CloseReason::UpstreamDead,
@@ -101,6 +105,8 @@ impl CloseReason {
         CloseReason::ClientProtocolError,
         CloseReason::Shutdown,
         CloseReason::RouteRemoved,
+        CloseReason::ClientTlsError,
+        CloseReason::UpstreamTlsError,
     ];
 
     /// Position in [`CloseReason::ALL`].
@@ -129,6 +135,8 @@ impl CloseReason {
             CloseReason::ClientProtocolError => "client_protocol_error",
             CloseReason::Shutdown => "shutdown",
             CloseReason::RouteRemoved => "route_removed",
+            CloseReason::ClientTlsError => "client_tls_error",
+            CloseReason::UpstreamTlsError => "upstream_tls_error",
         }
     }
 
@@ -137,6 +145,25 @@ impl CloseReason {
         match side {
             Side::Client => CloseReason::ClientDead,
             Side::Upstream => CloseReason::UpstreamDead,
+        }
+    }
+
+    /// `*_tls_error` for `side`.
+    pub fn tls_error(side: Side) -> CloseReason {
+        match side {
+            Side::Client => CloseReason::ClientTlsError,
+            Side::Upstream => CloseReason::UpstreamTlsError,
+        }
+    }
+
+    /// The side whose TLS handshake failed. That socket is closed with FIN,
+    /// not RST, so that the alert kaproxy sent (unknown CA, ...) reaches the
+    /// peer instead of being thrown away with the send queue.
+    pub fn tls_failed_side(self) -> Option<Side> {
+        match self {
+            CloseReason::ClientTlsError => Some(Side::Client),
+            CloseReason::UpstreamTlsError => Some(Side::Upstream),
+            _ => None,
         }
     }
 
@@ -179,11 +206,13 @@ impl CloseReason {
             CloseReason::ClientDead
             | CloseReason::ClientReset
             | CloseReason::ClientError
-            | CloseReason::ClientProtocolError => Some(Side::Client),
+            | CloseReason::ClientProtocolError
+            | CloseReason::ClientTlsError => Some(Side::Client),
             CloseReason::UpstreamDead
             | CloseReason::UpstreamReset
             | CloseReason::UpstreamError
-            | CloseReason::ConnectFailed => Some(Side::Upstream),
+            | CloseReason::ConnectFailed
+            | CloseReason::UpstreamTlsError => Some(Side::Upstream),
             _ => None,
         }
     }
@@ -298,5 +327,15 @@ mod tests {
         );
         assert_eq!(CloseReason::ClientDead.failed_side(), Some(Side::Client));
         assert_eq!(CloseReason::Completed.failed_side(), None);
+        assert_eq!(CloseReason::ClientTlsError.as_str(), "client_tls_error");
+        assert_eq!(CloseReason::UpstreamTlsError.as_str(), "upstream_tls_error");
+        assert_eq!(
+            CloseReason::UpstreamTlsError.failed_side(),
+            Some(Side::Upstream)
+        );
+        assert_eq!(
+            CloseReason::tls_error(Side::Client).tls_failed_side(),
+            Some(Side::Client)
+        );
     }
 }

@@ -21,7 +21,7 @@ use crate::net::splice::{self, Pipe};
 
 /// Size of a relay buffer while data flows. 64 KiB keeps syscalls per byte low
 /// on bulk transfers; it is only held while a socket has data to read.
-const RELAY_BUFFER: usize = 64 * 1024;
+pub(super) const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Relay buffers a thread keeps for its next bursts. A burst of a few bytes
 /// (one request, one small response) would otherwise cost a 64 KiB malloc and
@@ -34,10 +34,10 @@ thread_local! {
 }
 
 /// A relay buffer that goes back to its thread's spares when dropped.
-struct RelayBuf(Vec<u8>);
+pub(super) struct RelayBuf(pub(super) Vec<u8>);
 
 impl RelayBuf {
-    fn take() -> RelayBuf {
+    pub(super) fn take() -> RelayBuf {
         let spare = SPARE.with(|s| s.borrow_mut().pop());
         RelayBuf(spare.unwrap_or_else(|| Vec::with_capacity(RELAY_BUFFER)))
     }

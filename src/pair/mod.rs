@@ -7,6 +7,7 @@ pub mod limit;
 mod proxy_header;
 pub mod registry;
 pub mod relay;
+pub mod tls;
 pub mod watchdog;
 
 use std::future::Future;
@@ -19,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::field;
 
-use crate::config::{OnPeerFailure, Route, SendProxy};
+use crate::config::{KeepaliveSpec, OnPeerFailure, Route, SendProxy};
 use crate::net::{connect, sockopt};
 use crate::pool::Pool;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
@@ -69,6 +70,9 @@ pub struct LiveRoute {
     pub limits: RelayLimits,
     /// Its servers' live state.
     pub pool: Arc<Pool>,
+    /// The route's TLS configs, built from the files at start and at every
+    /// reload; `None` for a plain route. Live TLS sessions keep theirs.
+    pub tls: Option<Box<tls::RouteTls>>,
 }
 
 impl RouteState {
@@ -76,6 +80,7 @@ impl RouteState {
     pub fn new(
         route: Route,
         pool: Arc<Pool>,
+        tls: Option<Box<tls::RouteTls>>,
         metrics: &Metrics,
         ids: Arc<AtomicU64>,
         registry: Arc<Registry>,
@@ -93,6 +98,7 @@ impl RouteState {
                 limits: RelayLimits::of(&route, None, 0),
                 route,
                 pool,
+                tls,
             }),
             ids,
             registry,
@@ -114,14 +120,14 @@ impl RouteState {
         self.live.load()
     }
 
-    /// Makes `route` and `pool` the route's settings. New pairs follow them at
+    /// Makes `route`, `pool` and `tls` the route's settings. New pairs follow them at
     /// once; live pairs take the timers and watchdog settings, counted from
     /// now, once woken (see [`Registry::wake_route`]).
     ///
     /// Only a changed `idle_timeout` or `half_close_timeout` restarts the
     /// live pairs' count: a reload for anything else must not keep idle
     /// pairs open by restarting their timers.
-    pub fn set_live(&self, route: Route, pool: Arc<Pool>) {
+    pub fn set_live(&self, route: Route, pool: Arc<Pool>, tls: Option<Box<tls::RouteTls>>) {
         self.max_connections.set_max(route.max_connections);
         let old = self.live.load();
         let since = if old.route.idle_timeout != route.idle_timeout
@@ -145,6 +151,7 @@ impl RouteState {
             limits: RelayLimits::of(&route, since, generation),
             route,
             pool,
+            tls,
         }));
     }
 
@@ -260,6 +267,29 @@ pub fn run(
             who: &who,
         };
 
+        // TLS on either side: its own path (pair/tls.rs), boxed, so that a
+        // plain pair's task does not grow by a byte.
+        let tls_live = {
+            let live = route.live_full();
+            live.tls.is_some().then_some(live)
+        };
+        if let Some(live) = tls_live {
+            let (client, who, stats, cancel) = (&client, &who, &stats, &cancel);
+            Box::pin(tls::serve(
+                live,
+                &route,
+                client,
+                who,
+                registration,
+                stats,
+                destination,
+                cancel,
+                close,
+            ))
+            .await;
+            return;
+        }
+
         // The client socket already carries its keepalive options: it
         // inherited them from the listening socket (see sockopt::bind_listener).
 
@@ -277,47 +307,17 @@ pub fn run(
                     // Held through the connect: a reload may store new
                     // settings meanwhile, and this attempt keeps its own.
                     let live = route.live_full();
-                    let send_proxy = live.route.upstream.send_proxy;
-                    let c = tokio::select! {
-                        c = connect::connect(&live.route.upstream, &live.pool) => c,
-                        _ = cancel.cancelled() => return None,
-                    };
-                    // The PROXY header goes before any relayed byte (and before
-                    // a TLS handshake): the original client, and the address it
-                    // connected to (the received header's, else kaproxy's own).
-                    let Ok(c) = c else {
-                        return Some(c.map(|c| (c, None, live.route.upstream.keepalive)));
-                    };
-                    // Only then: getsockname would cost every pair a syscall.
-                    let header = match send_proxy {
-                        SendProxy::Off => None,
-                        version => destination
-                            .or_else(|| client.local_addr().ok())
-                            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
-                    };
-                    let sent = match header {
-                        Some(h) => proxy_header::send(&c.stream, &h)
-                            .await
-                            .err()
-                            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
-                        None => None,
-                    };
-                    Some(Ok((c, sent, live.route.upstream.keepalive)))
+                    let c = connect_upstream(&live, client, who, cancel, destination).await;
+                    (c, live.route.upstream.keepalive)
                 })
             }
             .await;
+            let (connected, used) = connected;
             match connected {
-                Some(Ok((c, failed_send, used))) => {
+                Some(Ok((c, failed_send))) => {
                     log_failed_attempts(&who, &route.name, &registration, &c.failed);
                     registration.set_upstream(&c.stream);
-                    // Registered first: a reload that stores new upstream
-                    // options after this look retunes the socket itself.
-                    let spec = route.live().route.upstream.keepalive;
-                    if spec != used {
-                        if let Err(e) = sockopt::retune(&c.stream, &spec) {
-                            tracing::debug!(route = %route.name, error = %e, "cannot set the reloaded upstream keepalive");
-                        }
-                    }
+                    catch_up_upstream(&route, &c.stream, &used);
                     upstream = c.stream;
                     if let Some(e) = failed_send {
                         let detail = format!("sending the PROXY header: {e}");
@@ -356,6 +356,61 @@ pub fn run(
             &end,
             None,
         );
+    }
+}
+
+/// What [`connect_upstream`] gives: `None` when cancelled; else the connect
+/// result, with the error of sending the PROXY header if that failed.
+type Connecting =
+    Option<Result<(connect::Connected, Option<close::SideError>), connect::ConnectError>>;
+
+/// Connects to a server of the route as `live` has it and sends the PROXY
+/// header first when the route says so. Boxed by callers: its state only
+/// lives until then.
+async fn connect_upstream(
+    live: &LiveRoute,
+    client: &TcpStream,
+    who: &PairId,
+    cancel: &CancellationToken,
+    destination: Option<SocketAddr>,
+) -> Connecting {
+    let c = tokio::select! {
+        c = connect::connect(&live.route.upstream, &live.pool) => c,
+        _ = cancel.cancelled() => return None,
+    };
+    // The PROXY header goes before any relayed byte (and before a TLS
+    // handshake): the original client, and the address it connected to (the
+    // received header's, else kaproxy's own).
+    let Ok(c) = c else {
+        return Some(c.map(|c| (c, None)));
+    };
+    // Only then: getsockname would cost every pair a syscall.
+    let header = match live.route.upstream.send_proxy {
+        SendProxy::Off => None,
+        version => destination
+            .or_else(|| client.local_addr().ok())
+            .and_then(|d| proxy_header::encode(version, who.client_addr, d)),
+    };
+    let sent = match header {
+        Some(h) => proxy_header::send(&c.stream, &h)
+            .await
+            .err()
+            .map(|e| close::blame(Side::Upstream, &c.stream, e)),
+        None => None,
+    };
+    Some(Ok((c, sent)))
+}
+
+/// A pair that connected with the upstream options `used` registered its
+/// socket just before this: a reload that stored other options after the
+/// connect began may have retuned the live sockets before it was listed, so
+/// it sets them itself.
+fn catch_up_upstream(route: &RouteState, upstream: &TcpStream, used: &KeepaliveSpec) {
+    let spec = route.live().route.upstream.keepalive;
+    if spec != *used {
+        if let Err(e) = sockopt::retune(upstream, &spec) {
+            tracing::debug!(route = %route.name, error = %e, "cannot set the reloaded upstream keepalive");
+        }
     }
 }
 
@@ -456,6 +511,11 @@ impl Close<'_> {
         let upstream = upstream.map(|(s, _)| s);
         for (side, sock) in [(Side::Client, Some(client)), (Side::Upstream, upstream)] {
             let Some(sock) = sock else { continue };
+            // A failed TLS handshake: FIN, so the alert kaproxy queued gets there.
+            if end.reason.tls_failed_side() == Some(side) {
+                let _ = sockopt::discard_unread(sock, DRAIN_BEFORE_FIN);
+                continue;
+            }
             // The failed side is broken anyway: RST it so no FIN_WAIT state lingers.
             if abrupt || failed == Some(side) {
                 if let Err(e) = sockopt::reset_on_close(sock) {

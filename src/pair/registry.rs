@@ -23,8 +23,10 @@ use std::task::Waker;
 use serde::Serialize;
 use tokio::net::TcpStream;
 
+use super::close::Side;
 use super::relay::RelayStats;
 use crate::net::sockopt::{self, SocketSnapshot};
+use crate::tls::SessionInfo;
 
 /// Shards of the pair map: enough that pairs opening and closing on a few
 /// workers rarely meet on one lock.
@@ -54,13 +56,22 @@ impl Default for FdSlot {
 struct Fds {
     client: FdSlot,
     upstream: FdSlot,
-    /// The client a PROXY header named, shown instead of the socket's peer,
-    /// and that peer (`via`); boxed, so an entry without them pays a null pointer.
-    proxied: Option<Box<(SocketAddr, SocketAddr)>>,
+    /// What only some pairs have; boxed, so an entry without it pays a null pointer.
+    extra: Option<Box<Extra>>,
     /// Wakes the pair's task, so that it looks at a reload's new timers.
     /// Here rather than a wait in the task: the task's size is what every
     /// idle pair costs.
     waker: Option<Waker>,
+}
+
+/// The rarer facts of a pair.
+#[derive(Debug, Default)]
+struct Extra {
+    /// The client a PROXY header named, shown instead of the socket's peer,
+    /// and that peer (`via`).
+    proxied: Option<(SocketAddr, SocketAddr)>,
+    /// The TLS session of each side that has one.
+    tls: [Option<SessionInfo>; 2],
 }
 
 #[derive(Debug)]
@@ -121,12 +132,27 @@ impl Registration<'_> {
     /// Records the original client a PROXY header named, and the directly
     /// connected peer, then shown as `via`.
     pub fn set_proxied_client(&self, client: SocketAddr, via: SocketAddr) {
-        lock(&self.entry.fds).proxied = Some(Box::new((client, via)));
+        lock(&self.entry.fds)
+            .extra
+            .get_or_insert_with(Box::default)
+            .proxied = Some((client, via));
     }
 
     /// The directly connected peer, when a PROXY header named another client.
     pub fn via(&self) -> Option<SocketAddr> {
-        lock(&self.entry.fds).proxied.as_ref().map(|p| p.1)
+        lock(&self.entry.fds)
+            .extra
+            .as_ref()
+            .and_then(|e| e.proxied)
+            .map(|p| p.1)
+    }
+
+    /// Records the TLS session of `side` once its handshake is done.
+    pub fn set_tls(&self, side: Side, info: SessionInfo) {
+        lock(&self.entry.fds)
+            .extra
+            .get_or_insert_with(Box::default)
+            .tls[side as usize] = Some(info);
     }
 
     /// Records the task to wake when a reload changes the pair's timers: the
@@ -179,6 +205,10 @@ pub struct SideView {
     /// Why they could not be read, if so.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The TLS session on this side: version, cipher suite, SNI, ALPN and,
+    /// with mutual TLS, the client certificate's subject.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<SessionInfo>,
 }
 
 /// A live pair as `/connections` shows it.
@@ -212,6 +242,7 @@ fn side_view(fd: RawFd) -> SideView {
         local_address: local.map(|a| a.to_string()),
         tcp: snap.as_ref().ok().cloned(),
         error: snap.err().map(|e| e.to_string()),
+        tls: None,
     }
 }
 
@@ -220,10 +251,16 @@ impl Entry {
     fn view(&self) -> Option<PairView> {
         let fds = lock(&self.fds);
         let mut client = side_view(fds.client.get()?);
-        if let Some(proxied) = &fds.proxied {
+        if let Some(proxied) = fds.extra.as_ref().and_then(|e| e.proxied) {
             client.via = client.address.replace(proxied.0.to_string());
         }
-        let upstream = fds.upstream.get().map(side_view);
+        let mut upstream = fds.upstream.get().map(side_view);
+        if let Some(tls) = fds.extra.as_ref().map(|e| &e.tls) {
+            client.tls = tls[Side::Client as usize].clone();
+            if let Some(u) = upstream.as_mut() {
+                u.tls = tls[Side::Upstream as usize].clone();
+            }
+        }
         drop(fds);
         let stats = &self.stats;
         Some(PairView {
@@ -302,7 +339,7 @@ impl Registry {
             fds: Mutex::new(Fds {
                 client: FdSlot(client.as_raw_fd()),
                 upstream: FdSlot::NONE,
-                proxied: None,
+                extra: None,
                 waker: None,
             }),
         });

@@ -25,7 +25,8 @@ use tokio::time::{sleep_until, Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::close::{classify, CloseReason, Side, SideError};
-use super::direction::{Direction, Io};
+use super::direction::Direction;
+pub(super) use super::direction::Io;
 use super::watchdog::{SideWatch, Verdict, WatchSpec};
 use super::RouteState;
 use crate::net::sockopt;
@@ -199,6 +200,72 @@ impl RelayEnd {
     }
 }
 
+/// One of the two directions of a pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flow {
+    /// Client to upstream.
+    C2u,
+    /// Upstream to client.
+    U2c,
+}
+
+/// The two directions of a pair, as the relay drives them.
+pub(super) trait Flows {
+    /// Moves what can be moved in `dir`; Ready(Ok) once its end of stream was passed on.
+    fn poll(&mut self, dir: Flow, cx: &mut Context<'_>, io: Io<'_>) -> Poll<Result<(), SideError>>;
+    /// Whether `dir` has ended.
+    fn done(&self, dir: Flow) -> bool;
+    /// Marks `dir` ended.
+    fn set_done(&mut self, dir: Flow);
+    /// Whether `dir` holds data read and not yet delivered.
+    fn undelivered(&self, dir: Flow) -> bool;
+    /// The end a direction's error makes.
+    fn end_with(&self, e: SideError) -> RelayEnd {
+        RelayEnd::from_error(e)
+    }
+}
+
+/// Plain TCP on both sides: splice and copy (direction.rs).
+#[derive(Default)]
+pub(super) struct Plain {
+    c2u: Direction,
+    u2c: Direction,
+}
+
+impl Plain {
+    fn dir(&mut self, dir: Flow) -> &mut Direction {
+        match dir {
+            Flow::C2u => &mut self.c2u,
+            Flow::U2c => &mut self.u2c,
+        }
+    }
+
+    fn dir_ref(&self, dir: Flow) -> &Direction {
+        match dir {
+            Flow::C2u => &self.c2u,
+            Flow::U2c => &self.u2c,
+        }
+    }
+}
+
+impl Flows for Plain {
+    fn poll(&mut self, dir: Flow, cx: &mut Context<'_>, io: Io<'_>) -> Poll<Result<(), SideError>> {
+        self.dir(dir).poll(cx, io)
+    }
+
+    fn done(&self, dir: Flow) -> bool {
+        self.dir_ref(dir).done
+    }
+
+    fn set_done(&mut self, dir: Flow) {
+        self.dir(dir).done = true;
+    }
+
+    fn undelivered(&self, dir: Flow) -> bool {
+        self.dir_ref(dir).undelivered()
+    }
+}
+
 /// `t + d`, or a time too far to matter where that would overflow.
 fn after(t: Instant, d: Duration) -> Instant {
     t.checked_add(d)
@@ -217,14 +284,27 @@ pub fn relay<'a>(
     stats: &'a RelayStats,
     cancel: &'a CancellationToken,
 ) -> impl Future<Output = RelayEnd> + Send + 'a {
+    relay_flows(client, upstream, route, stats, cancel, Plain::default())
+}
+
+/// The relay of [`relay`] over any pair of flows: plain TCP (splice and
+/// copy), or TLS on either side (see `pair/tls.rs`). Everything else, error
+/// watches, watchdogs, timers, is the same code on the same raw sockets.
+pub(super) fn relay_flows<'a, T: Flows + Send + 'a>(
+    client: &'a TcpStream,
+    upstream: &'a TcpStream,
+    route: &'a RouteState,
+    stats: &'a RelayStats,
+    cancel: &'a CancellationToken,
+    flows: T,
+) -> impl Future<Output = RelayEnd> + Send + 'a {
     Relay {
         client,
         upstream,
         route,
         stats,
         watch_generation: route.live().limits.watch_generation,
-        c2u: Direction::default(),
-        u2c: Direction::default(),
+        flows,
         half_closed_at: None,
         timers: None,
         errors: None,
@@ -271,7 +351,7 @@ impl TimerState {
 
 pin_project_lite::pin_project! {
     /// The relay future of one pair; see [`relay`].
-    struct Relay<'a, W, F> {
+    struct Relay<'a, W, F, T> {
         client: &'a TcpStream,
         upstream: &'a TcpStream,
         // The route's shared limits and byte counters.
@@ -279,8 +359,8 @@ pin_project_lite::pin_project! {
         stats: &'a RelayStats,
         // The watchdog settings this pair has armed by.
         watch_generation: u32,
-        c2u: Direction,
-        u2c: Direction,
+        // Both directions.
+        flows: T,
         half_closed_at: Option<Instant>,
         timers: Option<Pin<Box<TimerState>>>,
         errors: Option<ErrorWatches<W>>,
@@ -305,9 +385,10 @@ struct Timers<'r, 'a> {
     upstream: &'a TcpStream,
     limits: &'a RelayLimits,
     stats: &'a RelayStats,
-    c2u: &'r Direction,
-    u2c: &'r Direction,
+    done: [bool; 2],
+    undelivered: bool,
     half_closed_at: Option<Instant>,
+    _flows: std::marker::PhantomData<&'r ()>,
 }
 
 impl Timers<'_, '_> {
@@ -325,7 +406,7 @@ impl Timers<'_, '_> {
 
     /// The source side of the direction still open while half-closed.
     fn open_source(&self) -> Option<Side> {
-        match (self.c2u.done, self.u2c.done) {
+        match (self.done[0], self.done[1]) {
             (true, false) => Some(Side::Upstream),
             (false, true) => Some(Side::Client),
             _ => None,
@@ -356,7 +437,7 @@ impl Timers<'_, '_> {
     }
 
     fn undelivered(&self) -> bool {
-        self.c2u.undelivered() || self.u2c.undelivered()
+        self.undelivered
     }
 
     /// Data still on its way to either receiver, in kaproxy or in a socket's
@@ -436,10 +517,11 @@ fn outstanding(socket: &TcpStream) -> bool {
     sockopt::send_state(socket).is_ok_and(|s| s.outstanding())
 }
 
-impl<'a, W, F> Future for Relay<'a, W, F>
+impl<'a, W, F, T> Future for Relay<'a, W, F, T>
 where
     W: Future<Output = SideError>,
     F: Fn(&'a TcpStream, Side) -> W,
+    T: Flows,
 {
     type Output = RelayEnd;
 
@@ -453,10 +535,11 @@ where
         // Which sides were written to (data or FIN) in this poll: their watchdogs arm.
         let mut wrote = [false; 2];
         let [wrote_client, wrote_upstream] = &mut wrote;
-        let (c2u_done, u2c_done) = (this.c2u.done, this.u2c.done);
+        let flows = &mut *this.flows;
+        let (c2u_done, u2c_done) = (flows.done(Flow::C2u), flows.done(Flow::U2c));
         let directions = [
             (
-                &mut *this.c2u,
+                Flow::C2u,
                 Io {
                     from: client,
                     to: upstream,
@@ -469,7 +552,7 @@ where
                 },
             ),
             (
-                &mut *this.u2c,
+                Flow::U2c,
                 Io {
                     from: upstream,
                     to: client,
@@ -484,12 +567,12 @@ where
         ];
         let mut failed = None;
         for (dir, io) in directions {
-            if dir.done {
+            if flows.done(dir) {
                 continue;
             }
-            match dir.poll(cx, io) {
+            match flows.poll(dir, cx, io) {
                 Poll::Ready(Ok(())) => {
-                    dir.done = true;
+                    flows.set_done(dir);
                     this.half_closed_at.get_or_insert_with(Instant::now);
                 }
                 Poll::Ready(Err(e)) => {
@@ -499,17 +582,18 @@ where
                 Poll::Pending => {}
             }
         }
-        let undelivered = this.c2u.undelivered() || this.u2c.undelivered();
+        let undelivered = flows.undelivered(Flow::C2u) || flows.undelivered(Flow::U2c);
+        let done = [flows.done(Flow::C2u), flows.done(Flow::U2c)];
         if let Some(e) = failed {
-            return Poll::Ready(RelayEnd::from_error(e).with_undelivered(undelivered));
+            return Poll::Ready(flows.end_with(e).with_undelivered(undelivered));
         }
-        if this.c2u.done && this.u2c.done {
+        if done[0] && done[1] {
             return Poll::Ready(RelayEnd::plain(CloseReason::Completed));
         }
 
         // While both directions wait to read, each socket's error wakes its own
         // reader. Otherwise a socket may have nobody reading it: watch its error.
-        let unwatched = undelivered || this.c2u.done || this.u2c.done;
+        let unwatched = undelivered || done[0] || done[1];
         match (unwatched, this.errors.is_some()) {
             (true, false) => {
                 let make = &*this.watch_errors;
@@ -537,9 +621,10 @@ where
             upstream,
             limits,
             stats,
-            c2u: this.c2u,
-            u2c: this.u2c,
+            done,
+            undelivered,
             half_closed_at: *this.half_closed_at,
+            _flows: std::marker::PhantomData,
         };
         // A reload changed the watchdog settings: a side with data already in
         // flight is watched from now on, as if it had just been written to.

@@ -48,6 +48,13 @@ struct ResultLabel {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TlsFailureLabels {
+    route: String,
+    side: &'static str,
+    reason: &'static str,
+}
+
 #[derive(Clone)]
 struct Buckets(fn() -> Histogram);
 
@@ -131,6 +138,7 @@ pub struct Metrics {
     detection: Family<SideLabels, Histogram, Buckets>,
     at_limit: Family<RouteLabel, Gauge>,
     limit_reached: Family<RouteLabel, Counter>,
+    tls_failures: Family<TlsFailureLabels, Counter>,
     log_dropped: Counter,
     reloads: Family<ResultLabel, Counter>,
     last_reload_success: Gauge<f64, AtomicU64>,
@@ -163,6 +171,7 @@ impl Metrics {
             detection: Family::new_with_constructor(Buckets(detection_buckets)),
             at_limit: Family::default(),
             limit_reached: Family::default(),
+            tls_failures: Family::default(),
             log_dropped: Counter::default(),
             reloads: Family::default(),
             last_reload_success: Gauge::default(),
@@ -219,6 +228,11 @@ impl Metrics {
             m.limit_reached.clone(),
         );
         registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed or timed out, by side and a small stable reason (timeout, closed, certificate, negotiation, alert, protocol)",
+            m.tls_failures.clone(),
+        );
+        registry.register(
             "log_lines_dropped",
             "Log lines dropped because stdout could not keep up (the queue was full)",
             m.log_dropped.clone(),
@@ -264,6 +278,28 @@ impl Metrics {
         RouteLabel {
             route: route.to_string(),
         }
+    }
+
+    /// The TLS handshake failure counters of one route and side, one per
+    /// reason in the order given; made only for a side that has TLS.
+    pub fn tls_handshake_failures(
+        &self,
+        route: &str,
+        side: &'static str,
+        reasons: &[&'static str],
+    ) -> Box<[Counter]> {
+        reasons
+            .iter()
+            .map(|&reason| {
+                self.tls_failures
+                    .get_or_create(&TlsFailureLabels {
+                        route: route.to_string(),
+                        side,
+                        reason,
+                    })
+                    .clone()
+            })
+            .collect()
     }
 
     /// Every series of one route, created now (at zero, so that alert rules
@@ -366,7 +402,14 @@ impl Metrics {
     /// A route a reload removed has no pair left, and no route has its name:
     /// every series of it goes, so that renamed routes do not pile up in
     /// /metrics. `reasons` and `sides` as for [`Metrics::route`].
-    pub fn forget_route(&self, route: &str, reasons: &[&'static str], sides: [&'static str; 2]) {
+    /// `tls_reasons`: the TLS handshake failure reasons' label values.
+    pub fn forget_route(
+        &self,
+        route: &str,
+        reasons: &[&'static str],
+        sides: [&'static str; 2],
+        tls_reasons: &[&'static str],
+    ) {
         let label = Self::route_label(route);
         self.pairs_active.remove(&label);
         self.pairs_accepted.remove(&label);
@@ -384,6 +427,13 @@ impl Metrics {
                 route: route.to_string(),
                 side,
             });
+            for &reason in tls_reasons {
+                self.tls_failures.remove(&TlsFailureLabels {
+                    route: route.to_string(),
+                    side,
+                    reason,
+                });
+            }
         }
         for direction in ["client_to_upstream", "upstream_to_client"] {
             self.bytes.remove(&DirectionLabels {
