@@ -1462,3 +1462,52 @@ fn an_upstream_that_never_answers_the_handshake_times_out_as_upstream_tls_error(
     );
     drop(u);
 }
+
+/// A reload reads the TLS files again, changed configuration or not: a
+/// renewed certificate at the same path serves the next handshakes, a live
+/// TLS session carries on untouched, and a file that cannot be used rejects
+/// the whole reload while the certificates in force keep serving.
+#[test]
+fn a_reload_reads_renewed_certificates_and_live_sessions_carry_on() {
+    let pki = Pki::new("ca");
+    let (cert, key) = pki.issue("site", &["old.test"], false);
+    let up = echo_server();
+    let config_text = route(up, &terminate(&cert, &key, ""));
+    let proxy = Proxy::start(&config_text);
+    let addr = proxy.addr("t");
+    let roots = client_config(pki.roots(), None);
+    let echo = |c: &mut ClientStream, msg: &[u8]| {
+        c.write_all(msg).unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        c.read_exact(&mut buf).unwrap();
+        assert_eq!(buf, msg);
+    };
+    let mut live = tls_connect(addr, roots.clone(), "old.test").unwrap();
+    echo(&mut live, b"before");
+
+    // Renewed in place: same paths, another name.
+    let (renewed, renewed_key) = pki.issue("site", &["new.test"], false);
+    assert_eq!((&renewed, &renewed_key), (&cert, &key));
+    let outcome = proxy.reload(&config_text);
+    assert_eq!(message(&outcome), "configuration reloaded", "{outcome}");
+    proxy.wait_events(
+        |v| message(v) == "TLS certificates and keys read again",
+        1,
+        Duration::from_secs(5),
+    );
+    let mut fresh = tls_connect(addr, roots.clone(), "new.test").expect("the renewed certificate");
+    echo(&mut fresh, b"renewed");
+    let old = tls_connect(addr, roots.clone(), "old.test");
+    assert!(old.is_err(), "the old certificate is no longer served");
+    echo(&mut live, b"the live session carries on");
+
+    // A key that does not parse: rejected whole, the renewed one still serves.
+    std::fs::write(&key, "not a key").unwrap();
+    let outcome = proxy.reload(&config_text);
+    assert!(message(&outcome).contains("rejected"), "{outcome}");
+    let error = outcome["error"].as_str().unwrap();
+    assert!(error.contains(&key.display().to_string()), "{error}");
+    let mut again = tls_connect(addr, roots, "new.test").expect("still served");
+    echo(&mut again, b"still");
+    echo(&mut live, b"still live");
+}
