@@ -3,6 +3,7 @@
 //! whole pair as soon as either side fails its probes.
 //!
 //! Layout:
+//! - [`certs`]: certificate and key files: PEM loading, key matches certificate, names and expiry.
 //! - [`config`]: TOML → validated [`config::Config`] (raw serde layer, inheritance, kernel range checks).
 //! - [`telemetry`]: log output and the Prometheus series (the ground floor: everything records into it).
 //! - [`net`]: socket options (the only socket2 user), upstream connects, splice.
@@ -22,6 +23,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod certs;
 pub mod cli;
 pub mod config;
 pub mod fdlimit;

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::raw::{Merge, SStr};
 use super::source::{positive_duration, Ctx};
 use super::ConfigError;
-use crate::tls::files;
+use crate::certs as files;
 
 /// Handshake timeout of either side when the config names none.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -7,6 +7,7 @@ pub mod limit;
 mod proxy_header;
 pub mod registry;
 pub mod relay;
+mod stats;
 pub mod tls;
 pub mod watchdog;
 

@@ -5,7 +5,7 @@
 //! Knows nothing of routes or pairs. Keepalive and TCP_USER_TIMEOUT stay on
 //! the raw socket below; this module only ever reads and writes bytes on it.
 
-pub mod files;
+use crate::certs as files;
 mod raw;
 
 use std::fmt;

@@ -3,7 +3,8 @@
 #   1. scripts/build-deb.sh builds target/debian/kaproxy_*.deb (skip with
 #      KAPROXY_DEB=path/to/kaproxy.deb);
 #   2. a fresh Debian bookworm root (debootstrap minbase with systemd, as a host
-#      that runs tomcat10 has; the pristine root is cached as a tar in
+#      that runs tomcat10 has, with procps, which the package depends on;
+#      the pristine root is cached as a tar in
 #      $KAPROXY_TEST_CACHE, default /var/cache/kaproxy-test, and unpacked anew
 #      for every run);
 #   3. in it, in a private mount namespace with its own /proc: dpkg -i; the files
@@ -27,7 +28,7 @@ cd "$(dirname "$0")/../.."
 MIRROR="${KAPROXY_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 SUITE=bookworm
 CACHE="${KAPROXY_TEST_CACHE:-/var/cache/kaproxy-test}"
-PRISTINE="$CACHE/$SUITE-minbase-systemd.tar"
+PRISTINE="$CACHE/$SUITE-minbase-systemd-procps.tar"
 WORK="$(mktemp -d /tmp/kaproxy-deb.XXXXXX)"
 ROOT="$WORK/root"
 
@@ -54,7 +55,7 @@ echo "$DEB"
 step "fresh $SUITE root"
 if [ ! -f "$PRISTINE" ]; then
     mkdir -p "$CACHE"
-    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus "$SUITE" "$WORK/build" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
+    debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,procps "$SUITE" "$WORK/build" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
         || { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
     rm -rf "$WORK"/build/var/cache/apt/archives/*.deb "$WORK"/build/var/lib/apt/lists/*
     tar -C "$WORK/build" -cf "$PRISTINE.part" . && mv "$PRISTINE.part" "$PRISTINE"
@@ -192,7 +193,10 @@ listen = "127.0.0.1:8020"
 [route.upstream]
 servers = ["127.0.0.1:8080"]
 TOML
-systemctl reload kaproxy && echo "reload=ok"
+if systemctl reload kaproxy; then echo "reload=ok"; else
+    systemctl status kaproxy --no-pager -l | tail -20
+    journalctl -u kaproxy -o cat --no-pager | tail -20
+fi
 for _ in $(seq 50); do journalctl -u kaproxy -o cat --no-pager | grep -q 'configuration reloaded' && break; sleep 0.1; done
 journalctl -u kaproxy -o cat --no-pager | grep -q 'configuration reloaded' && echo "reloaded=logged"
 echo "same_pid=$([ "$(systemctl show -p MainPID --value kaproxy)" = "$pid" ] && echo yes || echo no)"
