@@ -3,8 +3,9 @@
 # integration tests (including the half-dead tests in private network namespaces),
 # then the Debian package in a fresh root (tests/deb/run.sh).
 #
-# As root it installs nftables, iproute2, util-linux (unshare), tomcat10, haproxy,
-# nginx, libnginx-mod-stream, curl, openssl and ca-certificates with apt-get;
+# As root it installs nftables, iproute2, util-linux (unshare), bsdutils, tomcat10,
+# haproxy, nginx, libnginx-mod-stream, curl, openssl, ca-certificates, systemd,
+# debootstrap, systemd-container and strace with apt-get, and cargo-deb with cargo;
 # without root those tests print why they are skipped, and under CI=true a
 # skipped namespace test is a failure.
 set -euo pipefail
