@@ -27,7 +27,7 @@ use crate::pool::Pool;
 use crate::telemetry::metrics::{Metrics, RouteMetrics};
 use close::{CloseReason, Side};
 use registry::Registry;
-use relay::{RelayEnd, RelayLimits, RelayStats};
+use relay::{RelayEnd, RelayLimits};
 use watchdog::WatchSpec;
 
 /// How much unread input a FIN close throws away first: Linux answers close()
@@ -246,7 +246,6 @@ pub fn run(
                         };
                         let close = Close {
                             route: &route,
-                            stats: &stats,
                             who: &who,
                         };
                         let end = RelayEnd::plain(reason);
@@ -264,17 +263,17 @@ pub fn run(
         };
         let close = Close {
             route: &route,
-            stats: &stats,
             who: &who,
         };
 
         // TLS on either side: its own path (pair/tls.rs), boxed, so that a
         // plain pair's task does not grow by a byte.
-        let tls_live = {
+        // In the condition, so that no handle on the settings stays in the
+        // task of a plain pair.
+        if let Some(live) = {
             let live = route.live_full();
             live.tls.is_some().then_some(live)
-        };
-        if let Some(live) = tls_live {
+        } {
             let (client, who, stats, cancel) = (&client, &who, &stats, &cancel);
             Box::pin(tls::serve(
                 live,
@@ -470,9 +469,12 @@ impl PairId {
 /// What closing a pair needs besides the sockets. Exactly one is made per
 /// pair, on every path, so its drop gives back the pair's `max_connections`
 /// slot (see [`limit::Slot::keep`]), a panic in the relay included.
+///
+/// It holds no more than it must: it lives in the pair's task for the pair's
+/// whole life, and every byte there is paid by every idle pair. The counters
+/// come from the registration at the end.
 struct Close<'a> {
     route: &'a RouteState,
-    stats: &'a RelayStats,
     who: &'a PairId,
 }
 
@@ -495,6 +497,7 @@ impl Close<'_> {
         detail: Option<String>,
     ) {
         let via = registration.via();
+        let stats = registration.stats();
         drop(registration);
         // A stream cut short must never look complete to a survivor. Completed
         // and idle pairs have nothing waiting (idle never fires while data
@@ -531,7 +534,6 @@ impl Close<'_> {
                 );
             }
         }
-        let stats = self.stats;
         let c2u = stats.client_to_upstream.load(Ordering::Relaxed);
         let u2c = stats.upstream_to_client.load(Ordering::Relaxed);
         let age = stats.age();
