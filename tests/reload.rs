@@ -201,10 +201,7 @@ fn a_bad_file_or_an_address_in_use_is_rejected_whole_and_the_old_config_keeps_se
     // not even the route that could have started.
     let taken = TcpListener::bind("127.0.0.1:0").unwrap();
     let taken_addr = taken.local_addr().unwrap();
-    let free = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let free = reserved_addr();
     let outcome = proxy.reload(&format!(
         "{}{}{}",
         route("a", &a.to_string(), &[a2], ""),
@@ -237,10 +234,7 @@ fn a_changed_listen_address_moves_new_clients_and_live_pairs_carry_on() {
     let proxy = Proxy::start(&route("a", "127.0.0.1:0", &[up], ""));
     let old = proxy.addr("a");
     let (mut live, _) = open(old);
-    let new = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let new = reserved_addr();
     ok(&proxy.reload(&route("a", &new.to_string(), &[up], "")));
     assert_eq!(open(new).1, b'1', "the new address accepts");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -251,10 +245,7 @@ fn a_changed_listen_address_moves_new_clients_and_live_pairs_carry_on() {
     assert!(echoes(&mut live));
 
     // Renamed: the old name is removed and the new one added.
-    let renamed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let renamed = reserved_addr();
     ok(&proxy.reload(&format!(
         "shutdown_grace = \"5s\"\n{}",
         route("b", &renamed.to_string(), &[up], "")
@@ -411,10 +402,7 @@ fn the_admin_endpoint_moves_to_its_new_address() {
     );
     let proxy = Proxy::start(&first);
     let old = proxy.admin();
-    let new = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let new = reserved_addr();
     let a = proxy.addr("a");
     ok(&proxy.reload(&format!(
         "{}[admin]\nlisten = \"{new}\"\n",

@@ -63,10 +63,7 @@ fn ok(outcome: &Value) {
 }
 
 fn free_addr() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    reserved_addr()
 }
 
 /// A rename is "removed plus new", and usually keeps the listen address:

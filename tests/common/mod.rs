@@ -424,6 +424,28 @@ pub fn round_trip(s: &mut TcpStream, msg: &[u8]) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
+/// A loopback address that no other test of this binary gets and that the
+/// kernel never hands out for port 0 (below the ephemeral range), for a test
+/// that must write a listen address before kaproxy binds it. A port taken by
+/// port 0 and given back would race with other tests binding port 0.
+pub fn reserved_addr() -> SocketAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // Each test binary (run one after another) starts elsewhere in 20000..32000.
+    let base = 20_000 + (std::process::id() % 60) as u16 * 200;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(
+            n < 200,
+            "more reserved addresses than a test binary may take"
+        );
+        let addr = SocketAddr::from(([127, 0, 0, 1], base + n));
+        if TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+}
+
 /// `config` with an admin endpoint on a free port unless it has one: parallel
 /// tests never clash on 9901.
 pub fn with_test_admin(config: &str) -> String {
