@@ -472,11 +472,7 @@ fn connections_show_keepalive_probes_to_a_silent_client() {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    reserved_addr().port()
 }
 
 fn healthcheck(config: &std::path::Path) -> (Option<i32>, String) {

@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -32,11 +32,8 @@ struct Tomcat {
 impl Tomcat {
     fn new(name: &str) -> Tomcat {
         let base = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // Below the ephemeral range: Tomcat binds it seconds later.
+        let port = reserved_addr().port();
         let b = base.path();
         for d in ["conf", "logs", "temp", "work", "webapps/ROOT"] {
             std::fs::create_dir_all(b.join(d)).unwrap();
