@@ -175,7 +175,7 @@ fn failed_end(
 /// connect, upstream handshake, relay, close.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn serve(
-    live: Arc<LiveRoute>,
+    first: Arc<LiveRoute>,
     route: &RouteState,
     client: &TcpStream,
     who: &PairId,
@@ -185,10 +185,8 @@ pub(super) async fn serve(
     cancel: &CancellationToken,
     close: Close<'_>,
 ) {
-    // One version of the route's settings for the whole set-up: the server
-    // index the connect picks must name the same server list as the TLS
-    // names, whatever a reload stores meanwhile.
-    let Some(tls) = live.tls.as_deref() else {
+    // The client handshake runs on the settings the pair was accepted under.
+    let Some(tls) = first.tls.as_deref() else {
         return;
     };
     let client_conn = match &tls.server {
@@ -214,6 +212,12 @@ pub(super) async fn serve(
         }
     };
 
+    // The connect and the upstream side follow the settings in force now: a
+    // reload during the client handshake (up to handshake_timeout) must not
+    // send the pair to a server the file no longer lists. The server index
+    // and the TLS names come from this one load.
+    let live = route.live_full();
+    let up_tls = live.tls.as_deref();
     let connecting = Box::pin(connect_upstream(&live, client, who, cancel, destination)).await;
     let (c, failed_send) = match connecting {
         Some(Ok(c)) => c,
@@ -246,10 +250,10 @@ pub(super) async fn serve(
         return;
     }
 
-    let upstream_conn = match &tls.client {
+    let upstream_conn = match up_tls.and_then(|t| t.client.as_ref().map(|c| (t, c))) {
         None => None,
-        Some((config, timeout)) => {
-            let result = match tls.names.get(c.server).cloned().flatten() {
+        Some((up_tls, (config, timeout))) => {
+            let result = match up_tls.names.get(c.server).cloned().flatten() {
                 Some(name) => {
                     let connect = tls::connect(config.clone(), name, &upstream);
                     Box::pin(handshake(*timeout, cancel, connect)).await
@@ -266,7 +270,7 @@ pub(super) async fn serve(
                     Some(Box::new(Connection::Client(conn)))
                 }
                 Err(failed) => {
-                    let (end, detail) = failed_end(tls, route, Side::Upstream, failed);
+                    let (end, detail) = failed_end(up_tls, route, Side::Upstream, failed);
                     let up = Some((&upstream, up_addr));
                     close.finish(registration, client, up, &end, detail);
                     return;
@@ -310,6 +314,22 @@ struct TlsDir {
     /// The source's TCP stream ended (read_tls gave 0).
     tcp_eof: bool,
     done: bool,
+}
+
+/// Socket reads of one direction per poll: one of 64 KiB, well under a
+/// millisecond of crypto. The worker polls its I/O driver only between
+/// batches of task polls (tokio's event interval, 61), so the work of one
+/// poll, times 61, is how long a flood can hold up the worker's other pairs.
+const READS_PER_POLL: u32 = 1;
+
+/// A reader with nothing to give yet: lets rustls tidy its receive buffer
+/// without reading.
+struct NothingYet;
+
+impl Read for NothingYet {
+    fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
 }
 
 fn transient(e: &io::Error) -> bool {
@@ -356,6 +376,11 @@ impl TlsDir {
             route_bytes.inc_by(n as u64);
             stats.touch(from_side);
         };
+        // Socket reads before this direction lets the rest of the pair (and
+        // every other pair of the worker) run: rustls' writes and reads do not
+        // go through tokio's readiness, so nothing else would make a stream
+        // that never pauses give way.
+        let mut reads_left = READS_PER_POLL;
         loop {
             // 1. Deliver what was read, then anything rustls holds for `to`.
             match to_tls.as_deref_mut() {
@@ -502,6 +527,11 @@ impl TlsDir {
                         }
                         continue;
                     }
+                    if reads_left == 0 {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    reads_left -= 1;
                     let mut staged = scratch();
                     match from.try_read(&mut staged.0) {
                         Ok(0) => {
@@ -511,9 +541,12 @@ impl TlsDir {
                         }
                         Ok(n) => self.staged = Some((staged, 0, n)),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            // Burst over: the buffers go back before waiting.
+                            // Burst over: the buffers go back before waiting,
+                            // rustls' own included (it shrinks its receive
+                            // buffer only when asked to read again).
                             drop(staged);
                             self.buf = None;
+                            let _ = fc.read_tls(&mut NothingYet);
                             if let Err(e) = ready!(from.poll_read_ready(cx)) {
                                 return Poll::Ready(Err(from_err(e)));
                             }
@@ -523,6 +556,11 @@ impl TlsDir {
                     }
                 }
                 None => {
+                    if reads_left == 0 {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    reads_left -= 1;
                     let buf = self.buf.get_or_insert_with(scratch);
                     match from.try_read(&mut buf.0) {
                         Ok(0) => {

@@ -383,12 +383,13 @@ pub async fn connect(
     name: ServerName<'static>,
     socket: &TcpStream,
 ) -> io::Result<(rustls::ClientConnection, SessionInfo)> {
-    let sni = name.to_str().into_owned();
+    // rustls sends no SNI for an IP address: show only a name that was sent.
+    let sni = matches!(name, ServerName::DnsName(_)).then(|| name.to_str().into_owned());
     let stream = tokio_rustls::TlsConnector::from(config)
         .connect(name, Raw(socket))
         .await?;
     let (_, conn) = stream.into_inner();
-    let info = describe(&conn, Some(&sni), false);
+    let info = describe(&conn, sni.as_deref(), false);
     Ok((conn, info))
 }
 
