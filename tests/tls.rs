@@ -540,10 +540,7 @@ fn originating_to_openssl_s_server_with_a_custom_ca_and_failures() {
     let pki = Pki::new("ca");
     let other = Pki::new("other");
     let (cert, key) = pki.issue("backend", &["backend.test"], false);
-    let port = {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = reserved_addr().port();
     let mut server = Command::new("openssl")
         .args([
             "s_server",

@@ -402,10 +402,10 @@ pub fn echo_on(addr: SocketAddr) -> SocketAddr {
     a
 }
 
-/// A port on 127.0.0.1 with nothing listening (bound then closed).
+/// A port on 127.0.0.1 with nothing listening, from the reserved range so
+/// that no other test of the binary starts listening there meanwhile.
 pub fn dead_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    reserved_addr()
 }
 
 /// Connects with a deadline on every read and write.

@@ -3,7 +3,7 @@
 //! program the test says why it is skipped; under CI=true that is a failure
 //! (scripts/test.sh installs haproxy, nginx and libnginx-mod-stream).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -43,11 +43,11 @@ pub fn have(program: &str, path: &str) -> bool {
     false
 }
 
-/// A loopback port that was free a moment ago, for a peer that cannot bind port 0
-/// and report it.
+/// A loopback port for a peer that cannot bind port 0 and report it: from
+/// the reserved range, which no other test of the binary gets and the
+/// kernel never hands out for port 0.
 pub fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
+    super::reserved_addr()
 }
 
 /// Whether a socket listens on this IPv4 address (state 0A in /proc/net/tcp).
