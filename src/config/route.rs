@@ -38,47 +38,35 @@ pub(super) struct Inheritable<'a> {
     passive_ejection: Option<&'a RawEjection>,
 }
 
-impl<'a> From<&'a RawDefaults> for Inheritable<'a> {
-    fn from(d: &'a RawDefaults) -> Self {
-        let u = d.upstream.as_ref();
-        Inheritable {
-            idle_timeout: d.idle_timeout.as_ref(),
-            half_close_timeout: d.half_close_timeout.as_ref(),
-            on_peer_failure: d.on_peer_failure.as_ref(),
-            max_connections: d.max_connections.as_ref(),
-            client: d.client.as_ref(),
-            connect_timeout: u.and_then(|u| u.connect_timeout.as_ref()),
-            upstream_path_idle_limit: u.and_then(|u| u.path_idle_limit.as_ref()),
-            upstream_keepalive: u.and_then(|u| u.keepalive.as_ref()),
-            send_proxy: u.and_then(|u| u.send_proxy.as_ref()),
-            balance: u.and_then(|u| u.balance.as_ref()),
-            retries: u.and_then(|u| u.retries.as_ref()),
-            health_check: u.and_then(|u| u.health_check.as_ref()),
-            passive_ejection: u.and_then(|u| u.passive_ejection.as_ref()),
+/// `[defaults]` and a `[[route]]` name the inheritable fields alike; only
+/// the type of their upstream table differs.
+macro_rules! inheritable_from {
+    ($raw:ty) => {
+        impl<'a> From<&'a $raw> for Inheritable<'a> {
+            fn from(t: &'a $raw) -> Self {
+                let u = t.upstream.as_ref();
+                Inheritable {
+                    idle_timeout: t.idle_timeout.as_ref(),
+                    half_close_timeout: t.half_close_timeout.as_ref(),
+                    on_peer_failure: t.on_peer_failure.as_ref(),
+                    max_connections: t.max_connections.as_ref(),
+                    client: t.client.as_ref(),
+                    connect_timeout: u.and_then(|u| u.connect_timeout.as_ref()),
+                    upstream_path_idle_limit: u.and_then(|u| u.path_idle_limit.as_ref()),
+                    upstream_keepalive: u.and_then(|u| u.keepalive.as_ref()),
+                    send_proxy: u.and_then(|u| u.send_proxy.as_ref()),
+                    balance: u.and_then(|u| u.balance.as_ref()),
+                    retries: u.and_then(|u| u.retries.as_ref()),
+                    health_check: u.and_then(|u| u.health_check.as_ref()),
+                    passive_ejection: u.and_then(|u| u.passive_ejection.as_ref()),
+                }
+            }
         }
-    }
+    };
 }
 
-impl<'a> From<&'a RawRoute> for Inheritable<'a> {
-    fn from(r: &'a RawRoute) -> Self {
-        let u = r.upstream.as_ref();
-        Inheritable {
-            idle_timeout: r.idle_timeout.as_ref(),
-            half_close_timeout: r.half_close_timeout.as_ref(),
-            on_peer_failure: r.on_peer_failure.as_ref(),
-            max_connections: r.max_connections.as_ref(),
-            client: r.client.as_ref(),
-            connect_timeout: u.and_then(|u| u.connect_timeout.as_ref()),
-            upstream_path_idle_limit: u.and_then(|u| u.path_idle_limit.as_ref()),
-            upstream_keepalive: u.and_then(|u| u.keepalive.as_ref()),
-            send_proxy: u.and_then(|u| u.send_proxy.as_ref()),
-            balance: u.and_then(|u| u.balance.as_ref()),
-            retries: u.and_then(|u| u.retries.as_ref()),
-            health_check: u.and_then(|u| u.health_check.as_ref()),
-            passive_ejection: u.and_then(|u| u.passive_ejection.as_ref()),
-        }
-    }
-}
+inheritable_from!(RawDefaults);
+inheritable_from!(RawRoute);
 
 /// Route-level settings as found at one level, checked.
 #[derive(Default)]

@@ -17,6 +17,7 @@ use serde_json::Value;
 pub mod nat;
 pub mod netns;
 pub mod peers;
+pub mod tls;
 
 /// Path of the binary under test.
 pub fn bin() -> PathBuf {
